@@ -1,0 +1,87 @@
+"""The agent's durable outbox: every event is on disk before it is sent.
+
+Closes one loss path: an agent killed (or a link dropped) between a job's state
+change and the controller hearing of it.  Each event is written to its own file
+(temp file, fsync, ``os.replace``) named by a zero-padded sequence number, sent,
+and deleted only when the controller acks that sequence number.  After a restart
+the files are read back and resent in order.
+
+``enqueue`` never raises: if the disk refuses the write the event is kept in memory
+(logged), so a full disk degrades durability but never stops reporting.
+
+Receivers must treat a resent event as a no-op: the controller fences by attempt
+and never leaves a terminal state, so duplicates are harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from agent.protocol import Event
+
+log = logging.getLogger("pfleet.agent.outbox")
+
+_WIDTH = 16
+
+
+class Outbox:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._pending: dict[int, Event] = {}
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                data = json.loads(path.read_text())
+                event = Event(**data)
+            except (OSError, ValueError, TypeError) as exc:
+                log.error("dropping unreadable outbox entry path=%s error=%s", path, exc)
+                path.unlink(missing_ok=True)
+                continue
+            self._pending[event.seq] = event
+        for tmp in self.directory.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+        self._next = max(self._pending, default=0) + 1
+        self.changed = asyncio.Event()
+
+    def enqueue(self, event: Event) -> Event:
+        """Give the event the next sequence number and make it durable. Never raises."""
+        event = replace(event, seq=self._next)
+        self._next += 1
+        self._pending[event.seq] = event
+        try:
+            self._write(event)
+        except OSError as exc:  # keep it in memory: reporting must go on
+            log.error("outbox write failed, event kept in memory seq=%s job=%s error=%s",
+                      event.seq, event.job, exc)
+        self.changed.set()
+        return event
+
+    def _write(self, event: Event) -> None:
+        final = self.directory / f"{event.seq:0{_WIDTH}d}.json"
+        tmp = final.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(asdict(event)).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+
+    def ack(self, seq: int) -> None:
+        if self._pending.pop(seq, None) is not None:
+            (self.directory / f"{seq:0{_WIDTH}d}.json").unlink(missing_ok=True)
+
+    def pending(self, after: int = 0) -> list[Event]:
+        """Unacknowledged events with a sequence number above ``after``, in order."""
+        return [self._pending[s] for s in sorted(self._pending) if s > after]
+
+    def pending_jobs(self) -> set[tuple[str, int]]:
+        return {(e.job, e.attempt) for e in self._pending.values()}
+
+    def __len__(self) -> int:
+        return len(self._pending)

@@ -1,0 +1,713 @@
+"""The Docker/Podman runtime: one container per job attempt, through the ``docker`` SDK.
+
+Podman is driven through its Docker-compatible socket; ``DockerSettings.engine``
+only switches the quirks below and the runtime name reported to the controller.
+
+What this module promises (see ``base.Runtime`` for the contract):
+
+* The event loop never blocks: every SDK call runs in a thread pool of
+  ``max_concurrency`` threads; the event stream has a thread of its own.
+* A container is named after the job (``spec.name``) and carries pfleet's labels
+  (job, attempt, agent, jid) next to ``JOB_LABELS`` and pfcon's job_type label,
+  so ``list_ours()`` finds every one again after an agent restart.
+* ``start`` is idempotent on (name, attempt) and never leaves a container behind
+  when it rejects a job.
+* The SDK's exceptions stop here: callers see only ``JobRejected`` and
+  ``RuntimeUnavailable``.
+
+Engine differences found on Docker 20.10 and Podman 4.3 (compat API v1.41):
+
+* Podman answers 500 for errors that are the job's fault (name in use, invalid
+  name, OCI runtime failures), so create/start errors are classified by their
+  text as well as their status (``docker_config.PERMANENT_ERROR_MARKERS``).
+* Podman silently drops GPU device requests, so the podman engine rejects GPU jobs
+  up front instead of running them without a GPU.
+* Podman never sets ``State.OOMKilled`` (cgroup v1): exit 137 under a memory limit
+  is reported as OOM, marked as inferred (``docker_config.status_from_inspect``).
+* Podman's event filter takes its own names (``died``, ``remove``) but reports
+  Docker's (``die``); the filter lists below account for both.
+* Podman creates a missing bind-mount source instead of refusing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests
+
+from agent.protocol import JobSpec
+from agent.runtimes.base import (
+    LABEL_AGENT,
+    LABEL_ATTEMPT,
+    LABEL_JID,
+    LABEL_JOB,
+    LABEL_JOB_TYPE,
+    Capabilities,
+    Handle,
+    JobRejected,
+    JobStatus,
+    Probe,
+    Runtime,
+    RuntimeFailure,
+    RuntimeUnavailable,
+)
+from agent.runtimes.docker_config import (
+    GPU_ERROR_MARKER,
+    MIB,
+    DockerSettings,
+    build_create_kwargs,
+    is_name_conflict,
+    is_permanent_create_error,
+    parse_container_user,
+    short_error,
+    status_from_inspect,
+)
+
+__all__ = ["DockerRuntime", "DockerSettings"]
+
+log = logging.getLogger("pfleet.agent.docker")
+
+T = TypeVar("T")
+
+INFO_TTL = 30.0  # seconds an engine info() answer is reused (it is slow-ish)
+THREAD_JOIN_TIMEOUT = 5.0  # seconds close() waits for the event and pool threads
+DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
+
+# Errors that mean "the engine did not answer properly" rather than a bug in pfleet.
+ENGINE_ERRORS: tuple[type[BaseException], ...] = (
+    docker.errors.DockerException,
+    requests.exceptions.RequestException,
+    OSError,
+)
+
+# Container events that change a job's state.  Podman filters on its native names
+# (died, remove) and reports Docker's (die); unknown names simply never match.
+EVENT_ACTIONS = {
+    "docker": ["start", "die", "oom", "destroy"],
+    "podman": ["start", "died", "oom", "remove"],
+}
+
+# A container whose summary state is one of these keeps its inspected status until
+# the summary changes, so a steady fleet costs one list call per status().
+STABLE_SUMMARY_STATES = frozenset({"running", "paused", "exited", "dead"})
+
+_END = object()  # end-of-stream marker passed from the event thread to the loop
+
+
+class DockerRuntime(Runtime):
+    """Runs each job attempt as one Docker or Podman container.
+
+    Construction does no I/O (the engine may be down when the agent starts); it
+    raises ``ValueError`` naming every bad setting.  The client is created on first
+    use; a ``docker_local_volume`` storeBase is resolved on first probe/start.
+    """
+
+    def __init__(self, settings: DockerSettings, *, rng: random.Random | None = None) -> None:
+        problems = settings.validate()
+        if problems:
+            raise ValueError("docker runtime settings: " + "; ".join(problems))
+        self.settings = settings
+        self.name = settings.engine
+        self._user = parse_container_user(settings.container_user)
+        self._rng = rng or random.SystemRandom()
+        self._url = settings.base_url or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_URL
+        self._filters = {"label": f"{LABEL_AGENT}={settings.agent_name}"}
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.max_concurrency, thread_name_prefix=f"pfleet-{settings.engine}"
+        )
+        self._docker: docker.DockerClient | None = None
+        self._client_lock = asyncio.Lock()
+        self._info: dict[str, Any] | None = None
+        self._info_at = 0.0
+        self._storebase = settings.storebase if settings.volume_type == "host" else None
+        self._locks: dict[str, list[Any]] = {}  # key -> [asyncio.Lock, users]
+        self._status_cache: dict[str, tuple[str, JobStatus]] = {}  # id -> (summary, status)
+        self._stopped: set[str] = set()  # container ids pfleet stopped (not OOM on podman)
+        self._streams: set[Any] = set()
+        self._threads: set[threading.Thread] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------------ interface
+
+    def capabilities(self) -> Capabilities:
+        # Podman's compat API drops GPU device requests (see the module docstring).
+        return Capabilities(
+            multi_worker=False, hard_memory_limit=True, gpus=self.settings.engine == "docker"
+        )
+
+    async def probe(self) -> Probe:
+        try:
+            client = await self._client()
+            await self._run(client.ping)
+            info = await self._engine_info()
+            cpu = int(info.get("NCPU") or 0) * 1000
+            memory = int(info.get("MemTotal") or 0) // MIB
+            await self._storebase_path()
+        # A probe never raises: any failure, expected or not, is an unhealthy report.
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, RuntimeFailure) else str(self._failure(exc))
+            return Probe("unhealthy", reason=reason)
+        return Probe("healthy", cpu_millicores=cpu, memory_mib=memory, gpus=self.settings.gpus)
+
+    async def start(self, spec: JobSpec) -> Handle:
+        if spec.number_of_workers != 1:
+            raise JobRejected(
+                f"number_of_workers must be 1 on {self.name}, not {spec.number_of_workers}"
+            )
+        if not spec.image:
+            raise JobRejected("no image given")
+        if spec.gpu_limit > 0 and self.settings.engine == "podman":
+            raise JobRejected(
+                f"GPU unavailable: {spec.gpu_limit} GPU(s) requested, but GPUs "
+                "cannot be given to containers through Podman's "
+                "Docker-compatible API"
+            )
+        client = await self._client()
+        storebase = await self._storebase_path()
+        info = await self._engine_info()
+        try:
+            kwargs = build_create_kwargs(
+                spec,
+                self.settings,
+                storebase,
+                swap_limit=bool(info.get("SwapLimit", True)),
+                user=self._user,
+                rng=self._rng,
+            )
+        except ValueError as exc:
+            raise JobRejected(str(exc)) from exc
+        async with self._exclusive(f"name:{spec.name}"):
+            return await self._create_and_start(client, spec, kwargs)
+
+    async def status(self, handles: list[Handle]) -> dict[str, JobStatus]:
+        if not handles:
+            return {}
+        client = await self._client()
+        rows = await self._call(client.api.containers, all=True, filters=self._filters)
+        by_id = {str(row.get("Id")): row for row in rows}
+        result: dict[str, JobStatus] = {}
+        wanted: list[tuple[Handle, str, str]] = []
+        for handle in handles:
+            row = _find_row(by_id, handle.native_id)
+            if row is None:
+                result[handle.job] = JobStatus("missing", message="container not found")
+                continue
+            cid, summary = str(row["Id"]), str(row.get("State") or "")
+            cached = self._status_cache.get(cid)
+            if cached is not None and cached[0] == summary and summary in STABLE_SUMMARY_STATES:
+                result[handle.job] = cached[1]
+            else:
+                wanted.append((handle, cid, summary))
+        answers = await asyncio.gather(
+            *(self._inspect(client, cid) for _, cid, _ in wanted), return_exceptions=True
+        )
+        for (handle, cid, summary), attrs in zip(wanted, answers, strict=True):
+            if isinstance(attrs, BaseException):
+                raise self._failure(attrs) from attrs
+            if attrs is None:
+                result[handle.job] = JobStatus("missing", message="container not found")
+                continue
+            status = status_from_inspect(
+                attrs, engine=self.settings.engine, stopped_by_us=cid in self._stopped
+            )
+            if status.state == "unknown":
+                log.warning(
+                    "status.unknown jid=%s container=%s state=%s",
+                    _jid(attrs),
+                    cid[:12],
+                    status.message,
+                )
+            self._status_cache[cid] = (summary, status)
+            result[handle.job] = status
+        for cid in set(self._status_cache) - by_id.keys():
+            del self._status_cache[cid]
+        self._stopped.intersection_update(by_id)
+        return result
+
+    async def logs(self, handle: Handle, tail: int) -> str:
+        if tail <= 0:
+            return ""
+        client = await self._client()
+        try:
+            data = await self._run(
+                client.api.logs, _ref(handle), stdout=True, stderr=True, tail=tail
+            )
+        except docker.errors.NotFound:
+            return ""
+        except ENGINE_ERRORS as exc:
+            raise self._failure(exc) from exc
+        if isinstance(data, bytes):
+            return data.decode("utf-8", errors="replace")
+        return str(data)
+
+    async def cancel(self, handle: Handle, grace: float = 10.0) -> None:
+        client = await self._client()
+        self._stopped.add(handle.native_id)
+        log.info(
+            "cancel jid=%s job=%s attempt=%d container=%s grace=%s",
+            _handle_jid(handle),
+            handle.job,
+            handle.attempt,
+            handle.native_id[:12],
+            grace,
+        )
+        try:
+            await self._run(client.api.stop, _ref(handle), timeout=max(0, math.ceil(grace)))
+        except docker.errors.NotFound:
+            return
+        except ENGINE_ERRORS as exc:
+            raise self._failure(exc) from exc
+
+    async def remove(self, handle: Handle, force: bool = True) -> None:
+        client = await self._client()
+        try:
+            await self._run(client.api.remove_container, _ref(handle), force=force, v=False)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if "already in progress" not in str(exc.explanation or exc).lower():
+                raise self._failure(exc) from exc
+        except ENGINE_ERRORS as exc:
+            raise self._failure(exc) from exc
+        log.info(
+            "removed jid=%s job=%s attempt=%d container=%s",
+            _handle_jid(handle),
+            handle.job,
+            handle.attempt,
+            handle.native_id[:12],
+        )
+        self._status_cache.pop(handle.native_id, None)
+        self._stopped.discard(handle.native_id)
+
+    async def list_ours(self) -> list[Handle]:
+        client = await self._client()
+        rows = await self._call(client.api.containers, all=True, filters=self._filters)
+        handles = []
+        for row in rows:
+            labels = row.get("Labels") or {}
+            names = row.get("Names") or [""]
+            try:
+                attempt = int(labels.get(LABEL_ATTEMPT, ""))
+            except ValueError:
+                log.warning(
+                    "list.skipped container=%s reason=bad-attempt-label", str(row.get("Id"))[:12]
+                )
+                continue
+            job = labels.get(LABEL_JOB)
+            if not job:
+                continue
+            handles.append(
+                Handle(
+                    self.name,
+                    str(row["Id"]),
+                    str(job),
+                    attempt,
+                    str(names[0]).lstrip("/"),
+                    str(labels.get(LABEL_JOB_TYPE, "plugin")),
+                )
+            )
+        return handles
+
+    async def changes(self) -> AsyncIterator[str]:
+        """Job ids from the engine's container events (start, die, oom, destroy).
+
+        The stream is read in a thread of its own and handed to the loop; the
+        iteration ends when the stream breaks or cannot be opened (the agent polls
+        ``status`` meanwhile and restarts this later).  Leaving the loop, cancelling
+        the consumer or ``close()`` closes the stream so the thread ends.
+        """
+        if self._closed:
+            return
+        try:
+            client = await self._client()
+            stream = await self._run(
+                client.events,
+                decode=True,
+                filters={
+                    "type": "container",
+                    "label": self._filters["label"],
+                    "event": EVENT_ACTIONS[self.settings.engine],
+                },
+            )
+        except (RuntimeFailure, *ENGINE_ERRORS) as exc:
+            log.warning("events.unavailable engine=%s reason=%s", self.name, short_error(str(exc)))
+            return
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        thread = threading.Thread(
+            target=self._pump_events,
+            args=(stream, loop, queue),
+            name=f"pfleet-{self.name}-events",
+            daemon=True,
+        )
+        self._streams.add(stream)
+        self._threads = {t for t in self._threads if t.is_alive()} | {thread}
+        thread.start()
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    log.info("events.ended engine=%s", self.name)
+                    return
+                yield str(item)
+        finally:
+            self._streams.discard(stream)
+            _close_stream(stream)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for stream in list(self._streams):
+            _close_stream(stream)
+        self._streams.clear()
+        threads = [t for t in self._threads if t.is_alive()]
+        self._threads.clear()
+        client, self._docker = self._docker, None
+        loop = asyncio.get_running_loop()
+        if client is not None:
+            with contextlib.suppress(Exception):  # closing a broken client is still closed
+                await loop.run_in_executor(self._executor, client.close)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(_join_all, threads, THREAD_JOIN_TIMEOUT)
+        # A blocking call still running (a long pull) is not waited for past the bound.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.to_thread(self._executor.shutdown, wait=True), THREAD_JOIN_TIMEOUT
+            )
+
+    # -------------------------------------------------------------------- start
+
+    async def _create_and_start(
+        self, client: docker.DockerClient, spec: JobSpec, kwargs: dict[str, Any]
+    ) -> Handle:
+        for _ in range(3):  # a name conflict means someone created it meanwhile: look again
+            existing = await self._inspect(client, spec.name)
+            if existing is not None:
+                adopted = await self._adopt_or_clear(client, spec, existing)
+                if adopted is not None:
+                    return adopted
+            await self._ensure_image(client, spec)
+            try:
+                container = await self._run(client.containers.create, **kwargs)
+            except docker.errors.APIError as exc:
+                text = short_error(str(exc.explanation or exc))
+                if is_name_conflict(exc.status_code, text):
+                    continue
+                failure = self._failure(exc, creating=True)
+                log.warning(
+                    "start.failed jid=%s job=%s attempt=%d step=create reason=%s",
+                    spec.jid,
+                    spec.job,
+                    spec.attempt,
+                    text,
+                )
+                raise failure from exc
+            except ENGINE_ERRORS as exc:
+                raise self._failure(exc) from exc
+            await self._start_container(client, spec, str(container.id))
+            log.info(
+                "started jid=%s job=%s attempt=%d container=%s image=%s",
+                spec.jid,
+                spec.job,
+                spec.attempt,
+                str(container.id)[:12],
+                spec.image,
+            )
+            return self._handle(spec, str(container.id))
+        raise RuntimeUnavailable(f"container name {spec.name} keeps being taken")
+
+    async def _adopt_or_clear(
+        self, client: docker.DockerClient, spec: JobSpec, attrs: dict[str, Any]
+    ) -> Handle | None:
+        """The handle of ``attrs`` when it is this attempt's container (started if it
+        was only created); otherwise remove it and return None."""
+        cid = str(attrs["Id"])
+        labels = (attrs.get("Config") or {}).get("Labels") or {}
+        ours = (
+            labels.get(LABEL_JOB) == spec.job
+            and labels.get(LABEL_AGENT) == self.settings.agent_name
+        )
+        try:
+            attempt = int(labels.get(LABEL_ATTEMPT, ""))
+        except ValueError:
+            attempt = -1
+        if ours and attempt == spec.attempt:
+            if (attrs.get("State") or {}).get("Status") == "created":
+                await self._start_container(client, spec, cid)
+            log.info(
+                "start.adopted jid=%s job=%s attempt=%d container=%s",
+                spec.jid,
+                spec.job,
+                spec.attempt,
+                cid[:12],
+            )
+            return self._handle(spec, cid)
+        if ours and attempt > spec.attempt:
+            raise JobRejected(
+                f"container {spec.name} already runs attempt {attempt}, newer than {spec.attempt}"
+            )
+        log.info(
+            "start.replacing jid=%s job=%s attempt=%d container=%s old_job=%s old_attempt=%s",
+            spec.jid,
+            spec.job,
+            spec.attempt,
+            cid[:12],
+            labels.get(LABEL_JOB, ""),
+            labels.get(LABEL_ATTEMPT, ""),
+        )
+        try:
+            await self._run(client.api.remove_container, cid, force=True, v=False)
+        except docker.errors.NotFound:
+            pass
+        except ENGINE_ERRORS as exc:
+            raise self._failure(exc) from exc
+        return None
+
+    async def _start_container(self, client: docker.DockerClient, spec: JobSpec, cid: str) -> None:
+        try:
+            await self._run(client.api.start, cid)
+            return
+        except docker.errors.APIError as exc:
+            text = short_error(str(exc.explanation or exc))
+            if GPU_ERROR_MARKER in text.lower():
+                failure: RuntimeFailure = JobRejected(
+                    f"GPU unavailable: {spec.gpu_limit} GPU(s) requested but the "
+                    f"{self.name} engine has no GPU device driver ({text})"
+                )
+            else:
+                failure = self._failure(exc, creating=True)
+            error: BaseException = exc
+        except ENGINE_ERRORS as exc:
+            failure, error, text = self._failure(exc), exc, str(exc)
+        log.warning(
+            "start.failed jid=%s job=%s attempt=%d step=start container=%s reason=%s",
+            spec.jid,
+            spec.job,
+            spec.attempt,
+            cid[:12],
+            short_error(text),
+        )
+        if isinstance(failure, JobRejected):  # leave no debris behind a rejected job
+            with contextlib.suppress(docker.errors.NotFound, *ENGINE_ERRORS):
+                await self._run(client.api.remove_container, cid, force=True, v=False)
+        raise failure from error
+
+    async def _ensure_image(self, client: docker.DockerClient, spec: JobSpec) -> None:
+        """Return when ``spec.image`` is present, after one pull if it was not."""
+        if await self._image_present(client, spec.image):
+            return
+        async with self._exclusive(f"image:{spec.image}"):
+            if await self._image_present(client, spec.image):
+                return
+            log.info("image.pull jid=%s image=%s", spec.jid, spec.image)
+            reason = await self._call(_pull, client, spec.image)
+            if not await self._image_present(client, spec.image):
+                log.warning("image.missing jid=%s image=%s reason=%s", spec.jid, spec.image, reason)
+                raise JobRejected(
+                    f"image not found: {spec.image}: {reason or 'the pull did not produce it'}"
+                )
+
+    async def _image_present(self, client: docker.DockerClient, image: str) -> bool:
+        try:
+            await self._run(client.api.inspect_image, image)
+            return True
+        except docker.errors.NotFound:
+            return False
+        except docker.errors.APIError as exc:
+            if exc.status_code is not None and 400 <= exc.status_code < 500:
+                raise JobRejected(
+                    f"image not found: {image}: {short_error(str(exc.explanation or exc))}"
+                ) from exc
+            raise self._failure(exc) from exc
+        except ENGINE_ERRORS as exc:
+            raise self._failure(exc) from exc
+
+    # ------------------------------------------------------------------- helpers
+
+    async def _run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Call a blocking function in the bounded pool."""
+        if self._closed:
+            raise RuntimeUnavailable(f"the {self.name} runtime is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def _call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``_run`` with every engine error turned into ``RuntimeUnavailable``."""
+        try:
+            return await self._run(fn, *args, **kwargs)
+        except ENGINE_ERRORS as exc:
+            raise self._failure(exc) from exc
+
+    async def _client(self) -> docker.DockerClient:
+        if self._docker is not None:
+            return self._docker
+        async with self._client_lock:
+            if self._docker is None:
+                self._docker = await self._call(self._connect)
+        return self._docker
+
+    def _connect(self) -> docker.DockerClient:
+        # version="auto" asks the engine, so new engines that dropped old API
+        # versions keep working; that is I/O, hence not in __init__.
+        options: dict[str, Any] = {
+            "version": "auto",
+            "timeout": self.settings.request_timeout,
+            "max_pool_size": max(10, self.settings.max_concurrency + 2),
+        }
+        if self.settings.base_url:
+            return docker.DockerClient(base_url=self.settings.base_url, **options)
+        return docker.from_env(**options)
+
+    async def _engine_info(self) -> dict[str, Any]:
+        now = time.monotonic()
+        if self._info is None or now - self._info_at > INFO_TTL:
+            client = await self._client()
+            self._info = await self._call(client.info)
+            self._info_at = now
+        return self._info
+
+    async def _storebase_path(self) -> str:
+        """The storeBase's host path; for docker_local_volume, the volume's Mountpoint."""
+        if self._storebase is not None:
+            return self._storebase
+        name = str(self.settings.volume_name)
+        client = await self._client()
+        try:
+            volume = await self._run(client.api.inspect_volume, name)
+        except docker.errors.NotFound as exc:
+            raise RuntimeUnavailable(
+                f"storeBase volume {name!r} (VOLUME_NAME) does not exist on the {self.name} engine"
+            ) from exc
+        except ENGINE_ERRORS as exc:
+            raise self._failure(exc) from exc
+        driver, mountpoint = volume.get("Driver"), str(volume.get("Mountpoint") or "")
+        if driver != "local":
+            raise RuntimeUnavailable(
+                f"storeBase volume {name!r} (VOLUME_NAME) uses driver "
+                f"{driver!r}; only 'local' volumes can be bind-mounted"
+            )
+        if not mountpoint.startswith("/"):
+            raise RuntimeUnavailable(
+                f"storeBase volume {name!r} (VOLUME_NAME) has no host mountpoint"
+            )
+        log.info("storebase.resolved volume=%s path=%s", name, mountpoint)
+        self._storebase = mountpoint
+        return mountpoint
+
+    async def _inspect(self, client: docker.DockerClient, ref: str) -> dict[str, Any] | None:
+        try:
+            return await self._run(client.api.inspect_container, ref)
+        except docker.errors.NotFound:
+            return None
+        except ENGINE_ERRORS as exc:
+            raise self._failure(exc) from exc
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, key: str) -> AsyncIterator[None]:
+        """Serialise work on one key (a container name, an image) inside this process."""
+        entry = self._locks.setdefault(key, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[key]
+
+    def _pump_events(
+        self, stream: Any, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[object]
+    ) -> None:
+        """Event thread: forward the job label of each event to the loop."""
+        try:
+            for event in stream:
+                actor = (event.get("Actor") or {}) if isinstance(event, dict) else {}
+                job = (actor.get("Attributes") or {}).get(LABEL_JOB)
+                if job:
+                    loop.call_soon_threadsafe(queue.put_nowait, job)
+        # The stream ends by being closed under us (or the engine going away); either
+        # way the iterator ends and the agent falls back on polling.
+        except Exception as exc:
+            log.debug("events.stream-closed engine=%s reason=%s", self.name, exc)
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(queue.put_nowait, _END)
+
+    def _failure(self, exc: BaseException, *, creating: bool = False) -> RuntimeFailure:
+        """Translate an SDK/transport error.  ``creating``: a create/start error that
+        is the job's fault becomes ``JobRejected``."""
+        if isinstance(exc, RuntimeFailure):
+            return exc
+        if isinstance(exc, docker.errors.APIError):
+            text = short_error(str(exc.explanation or exc))
+            if creating and is_permanent_create_error(exc.status_code, text):
+                return JobRejected(text)
+            return RuntimeUnavailable(f"{self.name} engine error: {text}")
+        return RuntimeUnavailable(
+            f"{self.name} engine unreachable at {self._url}: {short_error(str(exc))}"
+        )
+
+    def _handle(self, spec: JobSpec, cid: str) -> Handle:
+        return Handle(self.name, cid, spec.job, spec.attempt, spec.name, spec.kind)
+
+
+def _pull(client: docker.DockerClient, image: str) -> str:
+    """Pull ``image`` (its tag, or latest) once; return the engine's error text, if any."""
+    error = ""
+    try:
+        for line in client.api.pull(image, stream=True, decode=True):
+            if isinstance(line, dict) and line.get("error"):
+                error = str(line["error"])
+    except docker.errors.APIError as exc:
+        error = str(exc.explanation or exc)
+    return short_error(error)
+
+
+def _find_row(rows: dict[str, dict[str, Any]], native_id: str) -> dict[str, Any] | None:
+    row = rows.get(native_id)
+    if row is None and native_id:
+        row = next((r for cid, r in rows.items() if cid.startswith(native_id)), None)
+    return row
+
+
+def _ref(handle: Handle) -> str:
+    return handle.native_id or handle.name
+
+
+def _jid(attrs: dict[str, Any]) -> str:
+    labels = (attrs.get("Config") or {}).get("Labels") or {}
+    return str(labels.get(LABEL_JID, ""))
+
+
+def _handle_jid(handle: Handle) -> str:
+    # Containers are named <jid>[-copy|-upload|-delete] (pfcon-api.md §2.3).
+    for suffix in ("-copy", "-upload", "-delete"):
+        if handle.kind == suffix[1:] and handle.name.endswith(suffix):
+            return handle.name[: -len(suffix)]
+    return handle.name
+
+
+def _close_stream(stream: Any) -> None:
+    # Shutting the socket down wakes the event thread blocked in recv().
+    with contextlib.suppress(Exception):
+        stream.close()
+
+
+def _join_all(threads: list[threading.Thread], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,249 @@
+"""Reading and validating pfcon's form bodies.
+
+pfcon's job endpoints read form fields only (url-encoded or multipart, lists as
+repeated keys) and report every bad field at once as ``{"message": {field: reason}}``
+with Flask-RESTful's reason strings.  This module reproduces those shapes and adds
+the checks pfcon leaves to its backends (job ids, negative limits).
+
+Multipart bodies are read part by part: text parts are size-capped, and the
+``data_file`` part is streamed to a spool file, never held in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from aiohttp import BodyPartReader, web
+
+from controller.errors import BadRequest, PayloadTooLarge
+
+MISSING_FORM = "Missing required parameter in the post body"
+JID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+JID_RULE = ("must start with a letter or digit and contain only letters, digits, '_', '.' "
+            "and '-' (at most 128 characters)")
+
+MAX_TEXT_FIELDS_BYTES = 4 << 20  # all text parts of one request together
+SPOOL_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: Literal["str", "int", "list", "choice", "jid"]
+    required: bool = False
+    default: Any = None
+    choices: tuple[str, ...] = ()
+
+
+PLUGIN_FIELDS = (
+    Field("jid", "jid", required=True),
+    Field("entrypoint", "list", required=True),
+    Field("args", "list", default=[]),
+    Field("args_path_flags", "list", default=[]),
+    Field("auid", "str", required=True),
+    Field("number_of_workers", "int", required=True),
+    Field("cpu_limit", "int", required=True),
+    Field("memory_limit", "int", required=True),
+    Field("gpu_limit", "int", required=True),
+    Field("image", "str", required=True),
+    Field("type", "choice", required=True, choices=("ds", "fs", "ts")),
+    Field("env", "list", default=[]),
+    Field("input_dirs", "list", default=None),
+    Field("output_dir", "str", default=None),
+)
+COPY_FIELDS = (
+    Field("jid", "jid", required=True),
+    Field("input_dirs", "list", default=[]),
+    Field("output_dir", "str", required=True),
+    Field("cpu_limit", "int", default=1000),
+    Field("memory_limit", "int", default=300),
+)
+UPLOAD_FIELDS = (
+    Field("jid", "jid", required=True),
+    Field("job_output_path", "str", required=True),
+    Field("cpu_limit", "int", default=1000),
+    Field("memory_limit", "int", default=300),
+)
+DELETE_FIELDS = (
+    Field("jid", "jid", required=True),
+    Field("cpu_limit", "int", default=1000),
+    Field("memory_limit", "int", default=300),
+)
+
+
+def normalize_jid(value: str) -> str:
+    """pfcon strips the leading '/' of a jid."""
+    return value.lstrip("/")
+
+
+def valid_jid(jid: str) -> bool:
+    return JID_PATTERN.fullmatch(jid) is not None
+
+
+def parse_fields(form: Mapping[str, list[str]], fields: tuple[Field, ...]) -> dict[str, Any]:
+    """Type-check every field; raise one ``BadRequest`` bundle listing all bad ones."""
+    errors: dict[str, str] = {}
+    out: dict[str, Any] = {}
+    for f in fields:
+        values = form.get(f.name)
+        if not values:
+            if f.required:
+                errors[f.name] = MISSING_FORM
+            out[f.name] = list(f.default) if isinstance(f.default, list) else f.default
+            continue
+        if f.kind == "list":
+            out[f.name] = list(values)
+            continue
+        value = values[0]
+        if f.kind == "int":
+            try:
+                number = int(value)
+            except ValueError as exc:
+                errors[f.name] = str(exc)
+                continue
+            if number < 0:
+                errors[f.name] = f"must not be negative, got {number}"
+                continue
+            out[f.name] = number
+        elif f.kind == "choice":
+            if value not in f.choices:
+                errors[f.name] = f"{value} is not a valid choice"
+                continue
+            out[f.name] = value
+        elif f.kind == "jid":
+            jid = normalize_jid(value)
+            if not valid_jid(jid):
+                errors[f.name] = f"{JID_RULE}, got {value!r}"
+                continue
+            out[f.name] = jid
+        else:
+            out[f.name] = value
+    if errors:
+        raise BadRequest(errors)
+    return out
+
+
+@dataclass
+class FormBody:
+    """The fields of one request and, when sent, where its ``data_file`` was spooled."""
+
+    fields: dict[str, list[str]] = field(default_factory=dict)
+    upload: Path | None = None
+    upload_bytes: int = 0
+
+    def discard(self) -> None:
+        if self.upload is not None:
+            self.upload.unlink(missing_ok=True)
+            self.upload = None
+
+
+async def read_form(request: web.Request, spool_dir: Path | None,
+                    max_upload_bytes: int) -> FormBody:
+    """Read a url-encoded or multipart body.
+
+    With ``spool_dir`` set, a ``data_file`` part is streamed into a file there
+    (refused with 413 past ``max_upload_bytes``); without it the part is drained and
+    ignored (in-network modes ignore the part python-pfconclient's CLI always sends).
+    The caller owns the spool file: call ``FormBody.discard()`` when done.
+    """
+    body = FormBody()
+    ctype = request.content_type
+    if ctype == "multipart/form-data":
+        try:
+            await _read_multipart(request, body, spool_dir, max_upload_bytes)
+        except BaseException:
+            body.discard()
+            raise
+        return body
+    if ctype == "application/x-www-form-urlencoded":
+        try:
+            post = await request.post()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge("request body too large for a form") from None
+        for key in post:
+            body.fields[key] = [v for v in post.getall(key) if isinstance(v, str)]
+        return body
+    # Anything else (JSON, no body) has no form fields: every required one is missing.
+    return body
+
+
+async def _read_multipart(request: web.Request, body: FormBody, spool_dir: Path | None,
+                          max_upload_bytes: int) -> None:
+    try:
+        reader = await request.multipart()
+    except (ValueError, AssertionError) as exc:
+        raise BadRequest(f"malformed multipart body: {exc}") from None
+    text_bytes = 0
+    while True:
+        part = await reader.next()
+        if part is None:
+            return
+        if not isinstance(part, BodyPartReader):
+            raise BadRequest("nested multipart bodies are not supported")
+        name = part.name or ""
+        if name == "data_file" or part.filename is not None:
+            if name == "data_file" and spool_dir is not None and body.upload is None:
+                await _spool(part, body, spool_dir, max_upload_bytes)
+            else:
+                await _drain(part)
+            continue
+        chunk = await part.read(decode=True)
+        text_bytes += len(chunk)
+        if text_bytes > MAX_TEXT_FIELDS_BYTES:
+            raise PayloadTooLarge(f"form fields larger than {MAX_TEXT_FIELDS_BYTES >> 20} MiB")
+        charset = part.get_charset(default="utf-8")
+        try:
+            text = chunk.decode(charset)
+        except (LookupError, UnicodeDecodeError):
+            raise BadRequest({name: "not valid text"}) from None
+        body.fields.setdefault(name, []).append(text)
+
+
+async def _drain(part: BodyPartReader) -> None:
+    while await part.read_chunk(SPOOL_CHUNK):
+        pass
+
+
+async def _spool(part: BodyPartReader, body: FormBody, spool_dir: Path,
+                 max_upload_bytes: int) -> None:
+    loop = asyncio.get_running_loop()
+    path = spool_dir / f"upload-{uuid.uuid4().hex}.zip"
+    body.upload = path
+    fd = await loop.run_in_executor(None, _create_spool_file, path)
+    try:
+        pending = bytearray()
+        while True:
+            chunk = await part.read_chunk(SPOOL_CHUNK)
+            if not chunk:
+                break
+            body.upload_bytes += len(chunk)
+            if body.upload_bytes > max_upload_bytes:
+                raise PayloadTooLarge(
+                    f"data_file: upload larger than {max_upload_bytes >> 20} MiB")
+            pending += chunk
+            if len(pending) >= SPOOL_CHUNK:
+                data, pending = bytes(pending), bytearray()
+                await loop.run_in_executor(None, _write_all, fd, data)
+        if pending:
+            await loop.run_in_executor(None, _write_all, fd, bytes(pending))
+    finally:
+        await loop.run_in_executor(None, os.close, fd)
+
+
+def _create_spool_file(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]

@@ -1,0 +1,75 @@
+"""The application factory: the only place that knows every part of the controller.
+
+Resources start in dependency order through one ``cleanup_ctx`` generator each
+(store, then fleet), and stop in reverse, only if they started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from controller.api import admin, pfcon
+from controller.api.middleware import (
+    CONFIG,
+    VERIFIER,
+    auth_middleware,
+    error_middleware,
+    public,
+)
+from controller.auth import ClientTokenVerifier
+from controller.config import Config
+from controller.fleet import FLEET, Fleet
+from controller.jobs import JOBS, JobService
+from controller.storage.zipmode import remove_stale_staging
+from controller.store import STORE, Store
+
+log = logging.getLogger("pfleet.controller")
+
+FORM_BODY_LIMIT = 8 << 20  # url-encoded forms; multipart uploads are streamed instead
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(
+        middlewares=[error_middleware,
+                     web.normalize_path_middleware(append_slash=True, remove_slash=False,
+                                                   redirect_class=web.HTTPPermanentRedirect),
+                     auth_middleware],
+        client_max_size=FORM_BODY_LIMIT)
+    app[CONFIG] = config
+    app[VERIFIER] = ClientTokenVerifier(config)
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_fleet_ctx)
+    app.add_routes(pfcon.routes)
+    app.add_routes(admin.routes)
+    app.router.add_get("/api/v1/fleet/connect", _fleet_connect)
+    return app
+
+
+@public
+async def _fleet_connect(request: web.Request) -> web.StreamResponse:
+    return await request.app[FLEET].handle_connect(request)
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    config.storebase_mount.mkdir(parents=True, exist_ok=True)
+    await asyncio.get_running_loop().run_in_executor(
+        None, remove_stale_staging, config.storebase_mount)
+    store = Store(config.state_dir / "pfleet.sqlite3")
+    await store.open()
+    app[STORE] = store
+    yield
+    await store.close()
+
+
+async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
+    fleet = Fleet(app[CONFIG], app[STORE])
+    app[FLEET] = fleet
+    app[JOBS] = JobService(app[CONFIG], app[STORE], fleet)
+    await fleet.start()
+    yield
+    await fleet.stop()

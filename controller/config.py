@@ -1,0 +1,204 @@
+"""Controller settings, read once from the environment and validated at start.
+
+pfcon's variable names are kept wherever pfcon has one, so an existing pfcon
+deployment's environment works unchanged; settings pfcon lacks start with
+``PFLEET_``.  ``load_config`` collects every problem and raises one ``ConfigError``
+naming each bad variable, so an operator fixes them all in one go.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from controller.errors import ConfigError
+
+DEV_SECRET_KEY = "pfleet-dev-secret-key-not-for-production"
+DEV_USER = "pfcon"
+DEV_PASSWORD = "pfcon1234"
+
+StorageEnv = Literal["zipfile", "filesystem", "fslink", "swift"]
+INNETWORK_STORAGES = ("swift", "filesystem", "fslink")
+CONTAINER_ENVS = ("docker", "podman", "swarm", "kubernetes")
+VOLUME_TYPES_BY_ENV = {
+    "docker": ("host", "docker_local_volume"),
+    "podman": ("host", "docker_local_volume"),
+    "swarm": ("host",),
+    "kubernetes": ("kubernetes_pvc",),
+}
+
+_TRUE = {"1", "true", "t", "yes", "y", "on"}
+_FALSE = {"0", "false", "f", "no", "n", "off"}
+
+
+@dataclass(frozen=True)
+class Config:
+    dev: bool = False
+    secret_key: str = DEV_SECRET_KEY
+    pfcon_user: str = DEV_USER
+    pfcon_password: str = DEV_PASSWORD
+    innetwork: bool = False
+    storage_env: str = "zipfile"
+    storebase_mount: Path = Path("/var/local/storeBase")
+    container_env: str = "docker"
+    compute_volume_type: str = "host"
+    job_logs_tail: int = 1000
+    remove_jobs: bool = True
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 30005
+    state_dir: Path = Path("/var/lib/pfleet")
+    max_files: int = 100_000
+    max_upload_mb: int = 10_240
+    agent_lease: float = 600.0
+    heartbeat_interval: float = 5.0
+    server_version: str = "0.0.0+unknown"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def agent_secret(self) -> str:
+        """Key for agent tokens: derived from SECRET_KEY, never equal to it, so a
+        client token can never pass as an agent token or the reverse."""
+        return "pfleet-agent:" + self.secret_key
+
+    @property
+    def requires_copy_job(self) -> bool:
+        return self.innetwork and self.storage_env in ("fslink", "swift")
+
+    @property
+    def requires_upload_job(self) -> bool:
+        return self.innetwork and self.storage_env == "swift"
+
+
+def parse_bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ValueError(f"not a boolean: {value!r} (use true/false, yes/no, 1/0, on/off)")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    port_num = int(port)
+    if not 0 <= port_num <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    return host.strip("[]"), port_num
+
+
+def load_config(env: Mapping[str, str] | None = None, *, dev: bool = False) -> Config:
+    """Build the controller's Config from ``env`` (default: os.environ).
+
+    ``dev`` (the ``--dev`` flag) or ``PFLEET_DEV`` selects development mode: the
+    documented dev credentials apply when the variables are absent.
+    """
+    env = dict(os.environ if env is None else env)
+    problems: list[str] = []
+    values: dict[str, object] = {}
+
+    def get_bool(name: str, default: bool) -> bool:
+        raw = env.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            return parse_bool(raw)
+        except ValueError as exc:
+            problems.append(f"{name}: {exc}")
+            return default
+
+    def get_int(name: str, default: int, minimum: int = 0) -> int:
+        raw = env.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            number = int(raw)
+        except ValueError:
+            problems.append(f"{name}: not an integer: {raw!r}")
+            return default
+        if number < minimum:
+            problems.append(f"{name}: must be at least {minimum}, got {number}")
+        return number
+
+    def get_float(name: str, default: float, minimum: float) -> float:
+        raw = env.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            number = float(raw)
+        except ValueError:
+            problems.append(f"{name}: not a number: {raw!r}")
+            return default
+        if number < minimum:
+            problems.append(f"{name}: must be at least {minimum}, got {number}")
+        return number
+
+    is_dev = dev or get_bool("PFLEET_DEV", False)
+    values["dev"] = is_dev
+    for name, attr, dev_default in (("SECRET_KEY", "secret_key", DEV_SECRET_KEY),
+                                    ("PFCON_USER", "pfcon_user", DEV_USER),
+                                    ("PFCON_PASSWORD", "pfcon_password", DEV_PASSWORD)):
+        value = env.get(name, "")
+        if value:
+            values[attr] = value
+        elif is_dev:
+            values[attr] = dev_default
+        else:
+            problems.append(f"{name}: required outside dev mode (set it, or run with --dev "
+                            "/ PFLEET_DEV=1 for the documented dev credentials)")
+
+    innetwork = get_bool("PFCON_INNETWORK", False)
+    values["innetwork"] = innetwork
+    storage = env.get("STORAGE_ENV") or ("swift" if innetwork else "zipfile")
+    if innetwork and storage not in INNETWORK_STORAGES:
+        problems.append(f"STORAGE_ENV: in-network mode (PFCON_INNETWORK=true) needs one of "
+                        f"{', '.join(INNETWORK_STORAGES)}, got {storage!r}")
+    elif not innetwork and storage != "zipfile":
+        problems.append(f"STORAGE_ENV: out-of-network mode supports only 'zipfile', got "
+                        f"{storage!r} (set PFCON_INNETWORK=true for in-network storage)")
+    values["storage_env"] = storage
+
+    container_env = env.get("CONTAINER_ENV") or "docker"
+    if container_env not in CONTAINER_ENVS:
+        problems.append(f"CONTAINER_ENV: must be one of {', '.join(CONTAINER_ENVS)}, "
+                        f"got {container_env!r}")
+        container_env = "docker"
+    values["container_env"] = container_env
+    allowed_volumes = VOLUME_TYPES_BY_ENV[container_env]
+    volume_type = env.get("COMPUTE_VOLUME_TYPE") or allowed_volumes[0]
+    if volume_type not in allowed_volumes:
+        problems.append(f"COMPUTE_VOLUME_TYPE: {container_env} supports "
+                        f"{', '.join(allowed_volumes)}, got {volume_type!r}")
+    values["compute_volume_type"] = volume_type
+
+    values["storebase_mount"] = Path(env.get("STOREBASE_MOUNT") or "/var/local/storeBase")
+    values["state_dir"] = Path(env.get("PFLEET_STATE_DIR") or "/var/lib/pfleet")
+    values["job_logs_tail"] = get_int("JOB_LOGS_TAIL", 1000, minimum=0)
+    values["remove_jobs"] = get_bool("REMOVE_JOBS", True)
+    values["max_files"] = get_int("PFLEET_MAX_FILES", 100_000, minimum=1)
+    values["max_upload_mb"] = get_int("PFLEET_MAX_UPLOAD_MB", 10_240, minimum=1)
+    values["agent_lease"] = get_float("PFLEET_AGENT_LEASE", 600.0, minimum=1.0)
+    values["heartbeat_interval"] = get_float("PFLEET_HEARTBEAT_INTERVAL", 5.0, minimum=0.1)
+    try:
+        values["listen_host"], values["listen_port"] = parse_listen(
+            env.get("PFLEET_LISTEN") or "0.0.0.0:30005")
+    except ValueError as exc:
+        problems.append(f"PFLEET_LISTEN: {exc}")
+
+    if problems:
+        raise ConfigError(problems)
+    values["server_version"] = _installed_version()
+    return Config(**values)  # type: ignore[arg-type]
+
+
+def _installed_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pfleet")
+    except Exception:  # a source checkout without metadata is normal
+        return "0.0.0+unknown"

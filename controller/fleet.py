@@ -1,0 +1,447 @@
+"""Agent sessions: hello, heartbeats, dispatch, event ingestion, failure detection.
+
+Agents dial in on ``/api/v1/fleet/connect`` with their own token.  One session per
+agent name; a newer connection replaces an older one.  Messages of one session are
+handled in order, so an agent that resends its outbox and then its inventory is
+reconciled only after every resent event was applied.
+
+Liveness (DESIGN §5): an agent whose last message is older than 3 heartbeat
+intervals is *suspect* (no new placements); one disconnected for longer than the
+lease loses its ASSIGNED/RUNNING jobs (LOST, reason in the message).  A link that
+comes back within the lease changes nothing: running work is never killed because
+a link dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from agent import protocol as p
+from controller import placement
+from controller.auth import decode_agent_token
+from controller.config import Config
+from controller.errors import Unauthorized
+from controller.states import TERMINAL, State
+from controller.store import JobRow, Store
+
+log = logging.getLogger("pfleet.controller.fleet")
+
+SUSPECT_AFTER_MISSED = 3
+LOGS_CACHE_SECONDS = 2.0
+LOGS_REQUEST_TIMEOUT = 5.0
+
+
+@dataclass
+class AgentSession:
+    name: str
+    ws: web.WebSocketResponse
+    hello: p.Hello
+    connected_at: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.monotonic)
+    heartbeat: p.Heartbeat | None = None
+    pending_logs: dict[str, asyncio.Future[str]] = field(default_factory=dict)
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def send(self, message: p.Message) -> None:
+        async with self.send_lock:
+            await self.ws.send_str(p.encode(message))
+
+    def capacity(self) -> dict[str, Any]:
+        if self.heartbeat is not None and self.heartbeat.capacity:
+            return self.heartbeat.capacity
+        return self.hello.capacity
+
+
+@dataclass
+class _CachedLogs:
+    attempt: int
+    fetched: float
+    logs: str
+
+
+def spec_for(job: JobRow, logs_tail: int) -> p.JobSpec:
+    """The run message's spec for the job's current attempt."""
+    s = job.spec
+    return p.JobSpec(
+        job=job.id, attempt=job.attempt, name=job.name, jid=job.jid, kind=job.kind,
+        image=s.get("image", ""), command=list(s.get("command", [])),
+        env=list(s.get("env", [])), cpu_limit=int(s.get("cpu_limit", 1000)),
+        memory_limit=int(s.get("memory_limit", 300)), gpu_limit=int(s.get("gpu_limit", 0)),
+        number_of_workers=int(s.get("number_of_workers", 1)),
+        mounts=[p.Mount(**m) for m in s.get("mounts", [])], op=s.get("op"),
+        logs_tail=logs_tail)
+
+
+def request_of(job: JobRow) -> placement.Request:
+    s = job.spec
+    return placement.Request(int(s.get("cpu_limit", 0)), int(s.get("memory_limit", 0)),
+                             int(s.get("gpu_limit", 0)), int(s.get("number_of_workers", 1)))
+
+
+class Fleet:
+    """The controller's side of every agent connection, and the dispatcher."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.sessions: dict[str, AgentSession] = {}
+        self.sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+        self.disconnected_since: dict[str, float] = {}
+        self.strategy: placement.Strategy = "spread"
+        self.selector: dict[str, str] = {}
+        self._kick = asyncio.Event()
+        self._logs: dict[str, _CachedLogs] = {}
+        self._logs_refreshing: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        now = time.monotonic()
+        for name in await self.store.agents_with_active_jobs():
+            self.disconnected_since.setdefault(name, now)
+        self._spawn(self._dispatch_loop(), "dispatch")
+        self._spawn(self._watchdog_loop(), "watchdog")
+        self.kick()
+
+    async def stop(self) -> None:
+        for ws in list(self.sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"controller shutting down")
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"pfleet-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def kick(self) -> None:
+        """Ask the dispatcher to look at the queue again."""
+        self._kick.set()
+
+    # ------------------------------------------------------------ connection
+
+    async def handle_connect(self, request: web.Request) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme != "Bearer" or not token:
+            raise Unauthorized("missing agent token")
+        name, jti = decode_agent_token(self.config, token)
+        if not await self.store.token_valid(jti, name):
+            raise Unauthorized(f"agent token for {name!r} is unknown or revoked")
+        ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=32 << 20)
+        await ws.prepare(request)
+        self.sockets.add(ws)
+        try:
+            hello = await self._read_hello(ws, name)
+        except (p.ProtocolError, TimeoutError) as exc:
+            log.warning("agent refused agent=%s reason=%s", name, exc)
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=str(exc)[:120].encode())
+            return ws
+        session = AgentSession(name=name, ws=ws, hello=hello)
+        old = self.sessions.get(name)
+        if old is not None:
+            await old.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"replaced")
+        self.sessions[name] = session
+        self.disconnected_since.pop(name, None)
+        await self.store.agent_seen(name, hello.found_by or "configured", p.encode_dict(hello))
+        await session.send(p.Welcome(version=p.PROTOCOL_VERSION,
+                                     heartbeat_interval=self.config.heartbeat_interval))
+        log.info("agent connected agent=%s runtime=%s found_by=%s", name, hello.runtime,
+                 hello.found_by)
+        self.kick()
+        try:
+            await self._session_loop(session)
+        finally:
+            if self.sessions.get(name) is session:
+                del self.sessions[name]
+                self.disconnected_since[name] = time.monotonic()
+                log.info("agent disconnected agent=%s", name)
+            for fut in session.pending_logs.values():
+                fut.cancel()
+        return ws
+
+    async def _read_hello(self, ws: web.WebSocketResponse, name: str) -> p.Hello:
+        msg = await ws.receive(timeout=15.0)
+        if msg.type != WSMsgType.TEXT:
+            raise p.ProtocolError("expected hello")
+        hello = p.decode(msg.data)
+        if not isinstance(hello, p.Hello):
+            raise p.ProtocolError(f"expected hello, got {hello.type}")
+        if hello.agent != name:
+            raise p.ProtocolError(f"token is for agent {name!r}, hello names {hello.agent!r}")
+        if hello.version != p.PROTOCOL_VERSION:
+            raise p.ProtocolError(f"protocol version {hello.version} not supported "
+                                  f"(controller speaks {p.PROTOCOL_VERSION})")
+        return hello
+
+    async def _session_loop(self, session: AgentSession) -> None:
+        async for msg in session.ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            session.last_seen = time.monotonic()
+            try:
+                message = p.decode(msg.data)
+            except p.ProtocolError as exc:
+                log.warning("bad message agent=%s error=%s", session.name, exc)
+                continue
+            try:
+                await self._handle(session, message)
+            except ConnectionResetError:
+                return
+            except Exception:  # keep the session alive: one bad message must not drop it
+                log.exception("failed to handle message agent=%s type=%s", session.name,
+                              message.type)
+
+    async def _handle(self, session: AgentSession, message: p.Message) -> None:
+        if isinstance(message, p.Heartbeat):
+            session.heartbeat = message
+            await self.store.agent_heartbeat(session.name, p.encode_dict(message))
+        elif isinstance(message, p.Event):
+            await self._on_event(session, message)
+        elif isinstance(message, p.Inventory):
+            await self._reconcile(session, message)
+        elif isinstance(message, p.LogsReply):
+            fut = session.pending_logs.pop(message.request, None)
+            if fut is not None and not fut.done():
+                fut.set_result(message.logs)
+        else:
+            log.warning("unexpected message agent=%s type=%s", session.name, message.type)
+
+    # ---------------------------------------------------------------- events
+
+    async def _on_event(self, session: AgentSession, ev: p.Event) -> None:
+        values: dict[str, Any] = {}
+        if ev.started_at:
+            values["started_at"] = ev.started_at
+        if ev.finished_at:
+            values["finished_at"] = ev.finished_at
+        if ev.logs is not None:
+            values["logs"] = ev.logs
+        state: State | None
+        if ev.state == "running":
+            state, values["message"] = State.RUNNING, "running"
+        elif ev.state == "exited":
+            values["exit_code"] = ev.exit_code
+            if ev.oom:
+                state, values["message"] = State.EXECUTOR_ERROR, "OOMKilled"
+            elif ev.exit_code == 0:
+                state, values["message"] = State.COMPLETE, "exited"
+            else:
+                state, values["message"] = State.EXECUTOR_ERROR, f"exited {ev.exit_code}"
+        elif ev.state == "failed":
+            state, values["message"] = State.SYSTEM_ERROR, ev.message or "could not start"
+        elif ev.state == "lost":
+            state = State.LOST
+            values["message"] = ev.message or f"workload vanished from agent {session.name}"
+        else:  # removed: the workload is gone on request; nothing to record
+            state = None
+        if state is not None:
+            job = await self.store.apply_event(ev.job, ev.attempt, state, **values)
+            if job is None:
+                log.debug("event fenced off agent=%s job=%s attempt=%s state=%s",
+                          session.name, ev.job, ev.attempt, ev.state)
+            else:
+                log.info("job state jid=%s name=%s attempt=%s state=%s message=%r agent=%s",
+                         job.jid, job.name, job.attempt, job.state, job.message, session.name)
+                if job.state in TERMINAL:
+                    self._logs.pop(job.id, None)
+                    self.kick()
+        await session.send(p.Ack(seq=ev.seq))
+
+    async def _reconcile(self, session: AgentSession, inventory: p.Inventory) -> None:
+        """Bring the agent's workloads and the store back in line after a (re)connect."""
+        seen: set[tuple[str, int]] = set()
+        for ref in inventory.jobs:
+            seen.add((ref.job, ref.attempt))
+            job = await self.store.get(ref.job)
+            if job is None:
+                log.warning("agent has a workload the store does not know; leaving it "
+                            "agent=%s job=%s name=%s", session.name, ref.job, ref.name)
+                continue
+            stale = (job.removed or job.attempt != ref.attempt or job.agent != session.name
+                     or job.state in (State.LOST, State.CANCELED))
+            if stale and (job.removed or self.config.remove_jobs or job.attempt != ref.attempt):
+                await session.send(p.Remove(job=ref.job, attempt=ref.attempt, name=ref.name))
+        for job in await self.store.jobs_on_agent(session.name, (State.ASSIGNED, State.RUNNING)):
+            if (job.id, job.attempt) in seen:
+                continue
+            if job.state is State.ASSIGNED:
+                await session.send(p.Run(spec=spec_for(job, self.config.job_logs_tail)))
+            else:
+                await self.store.apply_event(
+                    job.id, job.attempt, State.LOST,
+                    message=f"workload vanished from agent {session.name}")
+                self.kick()
+
+    # -------------------------------------------------------------- dispatch
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            try:
+                await self.place_queued()
+            except Exception:
+                log.exception("placement round failed")
+                await asyncio.sleep(1.0)
+
+    def views(self, usage: dict[str, tuple[int, int, int]]) -> dict[str, placement.AgentView]:
+        now = time.monotonic()
+        suspect_after = SUSPECT_AFTER_MISSED * self.config.heartbeat_interval
+        out: dict[str, placement.AgentView] = {}
+        for name, s in self.sessions.items():
+            cap = s.capacity()
+            hb = s.heartbeat
+            used = usage.get(name, (0, 0, 0))
+            out[name] = placement.AgentView(
+                name=name, cpu_millicores=int(cap.get("cpu_millicores", 0)),
+                memory_mib=int(cap.get("memory_mib", 0)), gpus=int(cap.get("gpus", 0)),
+                multi_worker=bool(s.hello.capabilities.get("multi_worker", False)),
+                labels=dict(s.hello.labels), connected=True,
+                suspect=now - s.last_seen > suspect_after,
+                draining=bool(cap.get("draining", False)),
+                healthy=hb.runtime_ok if hb is not None else True,
+                used_cpu=used[0], used_memory=used[1], used_gpus=used[2])
+        return out
+
+    async def place_queued(self) -> int:
+        """One placement round over the queue, oldest first; returns jobs placed."""
+        queued = await self.store.queued()
+        if not queued or not self.sessions:
+            return 0
+        views = self.views(await self.store.usage_by_agent())
+        placed = 0
+        for job in queued:
+            req = request_of(job)
+            view = placement.choose(req, views.values(), strategy=self.strategy,
+                                    selector=self.selector)
+            if view is None:
+                continue
+            session = self.sessions.get(view.name)
+            if session is None or not await self.store.assign(job.id, job.attempt, view.name):
+                continue
+            view.take(req)
+            try:
+                await session.send(p.Run(spec=spec_for(job, self.config.job_logs_tail)))
+            except ConnectionResetError:
+                # Not sent: the agent is gone.  It stays ASSIGNED; the reconnect's
+                # reconcile resends it, or the lease marks it LOST.
+                log.warning("run not sent, agent link down jid=%s agent=%s", job.jid, view.name)
+            placed += 1
+            log.info("job placed jid=%s name=%s attempt=%s agent=%s", job.jid, job.name,
+                     job.attempt, view.name)
+        return placed
+
+    def known_views_for_refusal(self, agents: list[Any]) -> list[placement.AgentView]:
+        """Views of every agent ever seen (connected or not), for ``never_fits``."""
+        out = []
+        for row in agents:
+            hello = row.hello or {}
+            cap = (row.heartbeat or {}).get("capacity") or hello.get("capacity") or {}
+            out.append(placement.AgentView(
+                name=row.name, cpu_millicores=int(cap.get("cpu_millicores", 0)),
+                memory_mib=int(cap.get("memory_mib", 0)), gpus=int(cap.get("gpus", 0)),
+                multi_worker=bool((hello.get("capabilities") or {}).get("multi_worker")),
+                labels=dict(hello.get("labels") or {})))
+        return out
+
+    # ------------------------------------------------------- removals, logs
+
+    async def remove_workload(self, job: JobRow, attempt: int | None = None) -> None:
+        """Ask the agent that ran ``attempt`` (default: current) to remove it.  When
+        the agent is offline the reconcile at its reconnect does it."""
+        attempt = job.attempt if attempt is None else attempt
+        agent = job.agent if attempt == job.attempt else await self.store.attempt_agent(
+            job.id, attempt)
+        session = self.sessions.get(agent) if agent else None
+        if session is None:
+            return
+        with contextlib.suppress(ConnectionResetError):
+            await session.send(p.Remove(job=job.id, attempt=attempt, name=job.name))
+
+    def logs_for(self, job: JobRow) -> str:
+        """Logs to show for a job now, never waiting on an agent: the final tail of a
+        finished job, or the last fetched tail of a running one (refreshed in the
+        background when older than a couple of seconds)."""
+        if job.state is not State.RUNNING:
+            return job.logs
+        cached = self._logs.get(job.id)
+        fresh = (cached is not None and cached.attempt == job.attempt
+                 and time.monotonic() - cached.fetched < LOGS_CACHE_SECONDS)
+        if not fresh and job.id not in self._logs_refreshing and job.agent in self.sessions:
+            self._logs_refreshing.add(job.id)
+            self._spawn(self._refresh_logs(job), f"logs-{job.id}")
+        if cached is not None and cached.attempt == job.attempt:
+            return cached.logs
+        return job.logs
+
+    async def fetch_logs(self, job: JobRow) -> str:
+        session = self.sessions.get(job.agent or "")
+        if session is None:
+            return job.logs
+        request_id = uuid.uuid4().hex
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        session.pending_logs[request_id] = fut
+        try:
+            await session.send(p.LogsRequest(request=request_id, job=job.id,
+                                             attempt=job.attempt,
+                                             tail=self.config.job_logs_tail))
+            return await asyncio.wait_for(fut, LOGS_REQUEST_TIMEOUT)
+        finally:
+            session.pending_logs.pop(request_id, None)
+
+    async def _refresh_logs(self, job: JobRow) -> None:
+        try:
+            logs = await self.fetch_logs(job)
+            self._logs[job.id] = _CachedLogs(job.attempt, time.monotonic(), logs)
+        except (TimeoutError, ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self._logs_refreshing.discard(job.id)
+
+    # -------------------------------------------------------------- watchdog
+
+    async def _watchdog_loop(self) -> None:
+        interval = max(0.5, min(self.config.heartbeat_interval, 5.0))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.expire_leases()
+            except Exception:
+                log.exception("lease check failed")
+
+    async def expire_leases(self) -> int:
+        """Mark the jobs of agents gone longer than the lease LOST; returns how many."""
+        now = time.monotonic()
+        lost = 0
+        for name, since in list(self.disconnected_since.items()):
+            if name in self.sessions or now - since < self.config.agent_lease:
+                continue
+            for job in await self.store.jobs_on_agent(name, (State.ASSIGNED, State.RUNNING)):
+                if await self.store.apply_event(
+                        job.id, job.attempt, State.LOST,
+                        message=f"agent {name} lost: no contact for "
+                                f"{int(self.config.agent_lease)} s"):
+                    lost += 1
+                    log.warning("job lost jid=%s name=%s agent=%s", job.jid, job.name, name)
+            del self.disconnected_since[name]
+        if lost:
+            self.kick()
+        return lost
+
+
+FLEET = web.AppKey("pfleet.fleet", Fleet)

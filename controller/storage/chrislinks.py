@@ -1,0 +1,231 @@
+"""Expansion of ChRIS links (``*.chrislink`` files) in a job's ``incoming/`` tree.
+
+CUBE sends a link as a small file whose content is a storage path (e.g.
+``home/bob``) and puts the files reached through it at their full storage path in
+the same tree. The plugin must instead see the linked data next to the link, in a
+directory named after the target with ``/`` replaced by ``_`` (pfcon-api.md §3.6).
+Link files are client input: targets are confined to ``incoming/``, symlinks are
+never followed, loops terminate, and the total work is capped.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from controller.storage.outputs import iter_output_files
+from controller.storage.paths import StorageError, safe_join
+
+__all__ = ["DEFAULT_MAX_ENTRIES", "MAX_LINK_DEPTH", "count_files", "expand_links"]
+
+LINK_SUFFIX = ".chrislink"
+FIELD = "data_file"
+MAX_LINK_SIZE = 4096
+MAX_LINK_DEPTH = 64
+DEFAULT_MAX_ENTRIES = 1_000_000
+
+Parts = tuple[str, ...]
+
+
+def count_files(root: Path) -> int:
+    """Count regular files under root, excluding ``*.chrislink`` (pfcon's ``nfiles``)."""
+    return sum(1 for _ in iter_output_files(root))
+
+
+def expand_links(incoming: Path, *, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+    """Expand every ChRIS link under ``incoming`` in place (pfcon's expansion phase).
+
+    Each link not inside an already-expanded source gets a copy (hard links when
+    possible) of ``incoming/<target>`` (its parent dir if the target is a file) in
+    a sibling dir ``<target with / -> _>``, links inside the copy are expanded too,
+    and the link file is removed. Then every top-level folder that is the first
+    component of an expanded target is removed, unless it is a target itself. A
+    link to a missing target, or that would re-enter a target it came through, is
+    just removed. Raises :class:`StorageError` (400) for a target that is absolute,
+    contains ``..`` or is unreadable, for links nested over :data:`MAX_LINK_DEPTH`
+    deep, and 413 when copies would create more than ``max_entries`` files and dirs.
+    May leave partial content on error: the caller removes ``incoming``.
+    """
+    _Expansion(incoming, max_entries).run()
+
+
+class _Expansion:
+    def __init__(self, incoming: Path, max_entries: int) -> None:
+        self.root = incoming
+        self.max_entries = max_entries
+        self.created = 0
+        self.sources: set[Parts] = set()
+
+    def run(self) -> None:
+        self._walk(self.root, (), top_level=True)
+        tops = {t[0] for t in self.sources} - {t[0] for t in self.sources if len(t) == 1}
+        for top in sorted(tops):
+            path = self.root / top
+            if _is_real_dir(path):
+                shutil.rmtree(path)
+        # links skipped inside a source that is kept (its top folder is itself a
+        # target) would otherwise reach the plugin; no link ever survives expansion
+        for rel, path in iter_output_files(self.root, skip_chrislinks=False):
+            if rel.endswith(LINK_SUFFIX):
+                path.unlink()
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def _inside_source(self, parts: Parts) -> bool:
+        return any(parts[:i] in self.sources for i in range(1, len(parts) + 1))
+
+    def _walk(self, start: Path, chain: Parts, *, top_level: bool) -> None:
+        """Expand the links under ``start``; ``chain`` = targets this copy came through.
+
+        Only the top-level walk skips sources: a copy's links must always be
+        handled, even when the copy lies inside its own source.
+        """
+        stack = [start]
+        while stack:
+            current = stack.pop()
+            with os.scandir(current) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            rel_parts = Path(current).relative_to(self.root).parts
+            for entry in entries:
+                if entry.name.endswith(LINK_SUFFIX) and entry.is_file(follow_symlinks=False):
+                    if top_level and self._inside_source(rel_parts):
+                        break
+                    self._expand(Path(entry.path), chain)
+            subdirs = [
+                Path(e.path)
+                for e in entries
+                if e.is_dir(follow_symlinks=False)
+                and not (top_level and self._inside_source((*rel_parts, e.name)))
+            ]
+            stack.extend(reversed(subdirs))
+
+    def _read_target(self, link: Path) -> Parts:
+        name = self._rel(link)
+
+        def bad(why: str) -> StorageError:
+            return StorageError(f"{FIELD}: ChRIS link {name!r} {why}", field=FIELD)
+
+        fd = os.open(link, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            raw = fh.read(MAX_LINK_SIZE + 1)
+        if len(raw) > MAX_LINK_SIZE:
+            raise bad(f"is larger than {MAX_LINK_SIZE} bytes")
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise bad("is not UTF-8 text") from None
+        if not text:
+            raise bad("is empty")
+        try:
+            parts = safe_join(self.root, text).relative_to(self.root).parts
+        except StorageError:
+            parts = ()
+        if not parts:
+            raise bad(f"has a target outside the job's input: {text[:200]!r}")
+        return parts
+
+    def _resolve(self, parts: Parts) -> Parts | None:
+        """Return the directory to copy for a target, or None when there is none.
+
+        Walks with lstat so that no symlink is ever followed.
+        """
+        path = self.root
+        for i, part in enumerate(parts):
+            path = path / part
+            try:
+                mode = os.lstat(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            if stat.S_ISDIR(mode):
+                continue
+            if stat.S_ISREG(mode) and i == len(parts) - 1 and len(parts) > 1:
+                return parts[:-1]
+            return None
+        return parts
+
+    def _expand(self, link: Path, chain: Parts) -> None:
+        target = self._resolve(self._read_target(link))
+        link.unlink()
+        if target is None:
+            return  # missing or empty target (pfcon#154): nothing to materialise
+        self.sources.add(target)
+        key = "/".join(target)
+        if key in chain:
+            return  # loop: this copy already came through the same target
+        if len(chain) >= MAX_LINK_DEPTH:
+            raise StorageError(
+                f"{FIELD}: ChRIS links nested more than {MAX_LINK_DEPTH} levels deep",
+                field=FIELD,
+            )
+        dst = link.parent / key.replace("/", "_")
+        try:
+            if not os.path.lexists(dst):
+                self._copy_tree(self.root.joinpath(*target), dst)
+            elif not _is_real_dir(dst):
+                return
+        except OSError as exc:
+            if exc.errno in (errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL):
+                raise StorageError(
+                    f"{FIELD}: ChRIS link {self._rel(link)!r} cannot be expanded here",
+                    field=FIELD,
+                ) from None
+            raise
+        self._walk(dst, (*chain, key), top_level=False)
+
+    def _count(self) -> None:
+        self.created += 1
+        if self.created > self.max_entries:
+            raise StorageError(
+                f"{FIELD}: ChRIS links expand to more than {self.max_entries} files",
+                field=FIELD,
+                status=413,
+            )
+
+    def _copy_tree(self, src: Path, dst: Path) -> None:
+        """Copy src to dst with hard links (copies as fallback), skipping dst itself.
+
+        dst may lie inside src (a link whose target contains it); each directory is
+        listed before its copy is filled, so the copy never copies itself.
+        """
+        _mkdir(dst)
+        self._count()
+        stack = [(src, dst)]
+        while stack:
+            s, d = stack.pop()
+            with os.scandir(s) as it:
+                entries = list(it)
+            for entry in entries:
+                sp, dp = Path(entry.path), d / entry.name
+                if sp == dst:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    _mkdir(dp)
+                    self._count()
+                    stack.append((sp, dp))
+                elif entry.is_file(follow_symlinks=False):
+                    self._count()
+                    _link_or_copy(sp, dp)
+
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _mkdir(path: Path) -> None:
+    os.mkdir(path, 0o755)
+    os.chmod(path, 0o755)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copyfile(src, dst, follow_symlinks=False)
+        shutil.copymode(src, dst, follow_symlinks=False)

@@ -1,0 +1,443 @@
+"""The controller's durable state: jobs, their attempts, agents and agent tokens.
+
+One SQLite database in WAL mode under ``PFLEET_STATE_DIR``, reached only through
+one dedicated thread (so there is exactly one writer and the event loop never
+blocks on disk).  Every state change is a single statement or transaction, so a
+``kill -9`` at any moment leaves either the old or the new state, never a mix.
+
+Fencing lives here: an event for an attempt other than the job's current one, or
+for a job already in a terminal state, changes nothing (``apply_event`` returns
+False).  ``synchronous=NORMAL`` survives a killed process (the WAL is in the OS
+page cache); only a machine crash can lose the last commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from controller.states import ACTIVE, TERMINAL, State
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id          TEXT PRIMARY KEY,
+    seq         INTEGER NOT NULL,
+    name        TEXT NOT NULL,
+    jid         TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    attempt     INTEGER NOT NULL,
+    agent       TEXT,
+    spec        TEXT NOT NULL,
+    image       TEXT NOT NULL,
+    cmd         TEXT NOT NULL,
+    message     TEXT NOT NULL DEFAULT '',
+    started_at  TEXT NOT NULL DEFAULT '',
+    finished_at TEXT NOT NULL DEFAULT '',
+    exit_code   INTEGER,
+    logs        TEXT NOT NULL DEFAULT '',
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    removed     INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_live_name ON jobs(name) WHERE removed = 0;
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
+CREATE INDEX IF NOT EXISTS jobs_agent ON jobs(agent, state);
+CREATE TABLE IF NOT EXISTS attempts (
+    job        TEXT NOT NULL,
+    attempt    INTEGER NOT NULL,
+    agent      TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (job, attempt)
+);
+CREATE TABLE IF NOT EXISTS agents (
+    name       TEXT PRIMARY KEY,
+    first_seen REAL NOT NULL,
+    last_seen  REAL NOT NULL,
+    found_by   TEXT NOT NULL DEFAULT '',
+    hello      TEXT NOT NULL DEFAULT '{}',
+    heartbeat  TEXT NOT NULL DEFAULT '{}',
+    draining   INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS agent_tokens (
+    jti        TEXT PRIMARY KEY,
+    agent      TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    revoked_at REAL
+);
+"""
+
+_JOB_COLUMNS = ("id", "seq", "name", "jid", "kind", "state", "attempt", "agent", "spec",
+                "image", "cmd", "message", "started_at", "finished_at", "exit_code", "logs",
+                "created_at", "updated_at", "removed")
+
+
+@dataclass
+class JobRow:
+    id: str
+    seq: int
+    name: str
+    jid: str
+    kind: str
+    state: State
+    attempt: int
+    agent: str | None
+    spec: dict[str, Any]
+    image: str
+    cmd: str
+    message: str = ""
+    started_at: str = ""
+    finished_at: str = ""
+    exit_code: int | None = None
+    logs: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    removed: bool = False
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> JobRow:
+        data = dict(zip(_JOB_COLUMNS, row, strict=True))
+        data["state"] = State(data["state"])
+        data["spec"] = json.loads(data["spec"])
+        data["removed"] = bool(data["removed"])
+        return cls(**data)
+
+
+@dataclass
+class AgentRow:
+    name: str
+    first_seen: float
+    last_seen: float
+    found_by: str
+    hello: dict[str, Any] = field(default_factory=dict)
+    heartbeat: dict[str, Any] = field(default_factory=dict)
+    draining: bool = False
+
+
+class Store:
+    """Async facade over the SQLite database; all calls run on one thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pfleet-store")
+        self._db: sqlite3.Connection | None = None
+        self._next_seq = 0
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=5000")
+        db.executescript(SCHEMA)
+        self._db = db
+        self._next_seq = (db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]) + 1
+
+    async def close(self) -> None:
+        await self._run(self._close)
+        self._executor.shutdown(wait=True)
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        assert self._db is not None, "store is not open"
+        return self._db
+
+    # ---------------------------------------------------------------------- jobs
+
+    async def insert_job(self, job: JobRow) -> JobRow:
+        """Record a new job and its first attempt; fills in ``seq`` and times."""
+        return await self._run(self._insert_job, job)
+
+    def _insert_job(self, job: JobRow) -> JobRow:
+        now = time.time()
+        job.seq, job.created_at, job.updated_at = self._next_seq, now, now
+        self._next_seq += 1
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(
+                f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES "
+                f"({', '.join('?' * len(_JOB_COLUMNS))})", self._job_values(job))
+            self.db.execute("INSERT INTO attempts VALUES (?, ?, ?, ?)",
+                            (job.id, job.attempt, job.agent, now))
+        return job
+
+    @staticmethod
+    def _job_values(job: JobRow) -> tuple[Any, ...]:
+        values = []
+        for column in _JOB_COLUMNS:
+            value = getattr(job, column)
+            if column == "spec":
+                value = json.dumps(value)
+            elif column == "state":
+                value = str(value)
+            elif column == "removed":
+                value = int(value)
+            values.append(value)
+        return tuple(values)
+
+    async def get_live(self, name: str) -> JobRow | None:
+        """The job a client can see under this runtime name (not removed)."""
+        return await self._run(self._get_live, name)
+
+    def _get_live(self, name: str) -> JobRow | None:
+        row = self.db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs "
+                              "WHERE name = ? AND removed = 0", (name,)).fetchone()
+        return JobRow.from_row(row) if row else None
+
+    async def get_live_many(self, names: Iterable[str]) -> dict[str, JobRow]:
+        names = list(names)
+        return await self._run(self._get_live_many, names)
+
+    def _get_live_many(self, names: list[str]) -> dict[str, JobRow]:
+        rows = self.db.execute(
+            f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE removed = 0 AND name IN "
+            f"({', '.join('?' * len(names))})", names).fetchall()
+        return {r.name: r for r in map(JobRow.from_row, rows)}
+
+    async def get(self, job_id: str) -> JobRow | None:
+        return await self._run(self._get, job_id)
+
+    def _get(self, job_id: str) -> JobRow | None:
+        row = self.db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?",
+                              (job_id,)).fetchone()
+        return JobRow.from_row(row) if row else None
+
+    async def restart_job(self, job_id: str, spec: dict[str, Any], image: str,
+                          cmd: str) -> JobRow:
+        """Start a new attempt of a failed job with a (possibly new) request."""
+        return await self._run(self._restart_job, job_id, spec, image, cmd)
+
+    def _restart_job(self, job_id: str, spec: dict[str, Any], image: str, cmd: str) -> JobRow:
+        now = time.time()
+        seq = self._next_seq
+        self._next_seq += 1
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(
+                "UPDATE jobs SET attempt = attempt + 1, state = ?, agent = NULL, spec = ?, "
+                "image = ?, cmd = ?, message = '', started_at = '', finished_at = '', "
+                "exit_code = NULL, logs = '', updated_at = ?, seq = ? WHERE id = ?",
+                (State.QUEUED.value, json.dumps(spec), image, cmd, now, seq, job_id))
+            attempt = self.db.execute("SELECT attempt FROM jobs WHERE id = ?",
+                                      (job_id,)).fetchone()[0]
+            self.db.execute("INSERT INTO attempts VALUES (?, ?, NULL, ?)", (job_id, attempt, now))
+        job = self._get(job_id)
+        assert job is not None
+        return job
+
+    async def assign(self, job_id: str, attempt: int, agent: str) -> bool:
+        """QUEUED -> ASSIGNED on ``agent``; False if the job moved on meanwhile."""
+        return await self._run(self._assign, job_id, attempt, agent)
+
+    def _assign(self, job_id: str, attempt: int, agent: str) -> bool:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            cur = self.db.execute(
+                "UPDATE jobs SET state = ?, agent = ?, message = 'created', updated_at = ? "
+                "WHERE id = ? AND attempt = ? AND state = ? AND removed = 0",
+                (State.ASSIGNED.value, agent, time.time(), job_id, attempt, State.QUEUED.value))
+            if cur.rowcount != 1:
+                return False
+            self.db.execute("UPDATE attempts SET agent = ? WHERE job = ? AND attempt = ?",
+                            (agent, job_id, attempt))
+        return True
+
+    async def requeue(self, job_id: str, attempt: int, message: str) -> bool:
+        """ASSIGNED -> QUEUED (the agent could not take it); False if it moved on."""
+        return await self._run(self._requeue, job_id, attempt, message)
+
+    def _requeue(self, job_id: str, attempt: int, message: str) -> bool:
+        cur = self.db.execute(
+            "UPDATE jobs SET state = ?, agent = NULL, message = ?, updated_at = ? "
+            "WHERE id = ? AND attempt = ? AND state = ?",
+            (State.QUEUED.value, message, time.time(), job_id, attempt, State.ASSIGNED.value))
+        return cur.rowcount == 1
+
+    async def apply_event(self, job_id: str, attempt: int, state: State,
+                          **values: Any) -> JobRow | None:
+        """Move the current attempt of a live (non-terminal) job to ``state``.
+
+        Returns the updated job, or None when fencing refused the change: the
+        attempt is not the current one, or the job already reached a final state.
+        """
+        return await self._run(self._apply_event, job_id, attempt, state, values)
+
+    def _apply_event(self, job_id: str, attempt: int, state: State,
+                     values: dict[str, Any]) -> JobRow | None:
+        allowed = {"message", "started_at", "finished_at", "exit_code", "logs"}
+        assert set(values) <= allowed, values
+        sets = ", ".join(f"{k} = ?" for k in values)
+        terminal = tuple(s.value for s in TERMINAL)
+        # RUNNING may only follow QUEUED/ASSIGNED; a terminal state may follow any
+        # active one.  Never leave a terminal state (sinks).
+        cur = self.db.execute(
+            f"UPDATE jobs SET state = ?, updated_at = ?{', ' + sets if sets else ''} "
+            f"WHERE id = ? AND attempt = ? AND state NOT IN ({', '.join('?' * len(terminal))})"
+            + (" AND state != 'RUNNING'" if state is State.RUNNING else ""),
+            (state.value, time.time(), *values.values(), job_id, attempt, *terminal))
+        if cur.rowcount != 1:
+            return None
+        return self._get(job_id)
+
+    async def set_logs(self, job_id: str, attempt: int, logs: str) -> None:
+        await self._run(self._set_logs, job_id, attempt, logs)
+
+    def _set_logs(self, job_id: str, attempt: int, logs: str) -> None:
+        self.db.execute("UPDATE jobs SET logs = ? WHERE id = ? AND attempt = ?",
+                        (logs, job_id, attempt))
+
+    async def mark_removed(self, job_id: str, message: str = "removed") -> JobRow | None:
+        """Hide a job from clients (their DELETE); an active one ends CANCELED."""
+        return await self._run(self._mark_removed, job_id, message)
+
+    def _mark_removed(self, job_id: str, message: str) -> JobRow | None:
+        active = tuple(s.value for s in ACTIVE)
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(
+                f"UPDATE jobs SET state = ?, message = ? WHERE id = ? AND state IN "
+                f"({', '.join('?' * len(active))})",
+                (State.CANCELED.value, message, job_id, *active))
+            self.db.execute("UPDATE jobs SET removed = 1, updated_at = ? WHERE id = ?",
+                            (time.time(), job_id))
+        return self._get(job_id)
+
+    async def queued(self, limit: int = 1000) -> list[JobRow]:
+        """Jobs waiting for an agent, oldest first."""
+        return await self._run(self._by_state, (State.QUEUED,), None, limit)
+
+    async def jobs_on_agent(self, agent: str, states: Iterable[State]) -> list[JobRow]:
+        return await self._run(self._by_state, tuple(states), agent, 1_000_000)
+
+    def _by_state(self, states: tuple[State, ...], agent: str | None,
+                  limit: int) -> list[JobRow]:
+        query = (f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE state IN "
+                 f"({', '.join('?' * len(states))})")
+        args: list[Any] = [s.value for s in states]
+        if agent is not None:
+            query += " AND agent = ?"
+            args.append(agent)
+        query += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+        return [JobRow.from_row(r) for r in self.db.execute(query, args).fetchall()]
+
+    async def usage_by_agent(self) -> dict[str, tuple[int, int, int]]:
+        """CPU millicores, memory MiB and GPUs held by ASSIGNED/RUNNING jobs, per agent."""
+        return await self._run(self._usage_by_agent)
+
+    def _usage_by_agent(self) -> dict[str, tuple[int, int, int]]:
+        rows = self.db.execute(
+            "SELECT agent, SUM(json_extract(spec, '$.cpu_limit')), "
+            "SUM(json_extract(spec, '$.memory_limit')), SUM(json_extract(spec, '$.gpu_limit')) "
+            "FROM jobs WHERE state IN (?, ?) AND agent IS NOT NULL GROUP BY agent",
+            (State.ASSIGNED.value, State.RUNNING.value)).fetchall()
+        return {r[0]: (int(r[1] or 0), int(r[2] or 0), int(r[3] or 0)) for r in rows}
+
+    async def agents_with_active_jobs(self) -> list[str]:
+        return await self._run(lambda: [r[0] for r in self.db.execute(
+            "SELECT DISTINCT agent FROM jobs WHERE state IN (?, ?) AND agent IS NOT NULL",
+            (State.ASSIGNED.value, State.RUNNING.value)).fetchall()])
+
+    async def attempt_agent(self, job_id: str, attempt: int) -> str | None:
+        return await self._run(self._attempt_agent, job_id, attempt)
+
+    def _attempt_agent(self, job_id: str, attempt: int) -> str | None:
+        row = self.db.execute("SELECT agent FROM attempts WHERE job = ? AND attempt = ?",
+                              (job_id, attempt)).fetchone()
+        return row[0] if row else None
+
+    async def list_jobs(self, limit: int = 200, include_removed: bool = False) -> list[JobRow]:
+        return await self._run(self._list_jobs, limit, include_removed)
+
+    def _list_jobs(self, limit: int, include_removed: bool) -> list[JobRow]:
+        where = "" if include_removed else "WHERE removed = 0"
+        rows = self.db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs {where} "
+                               "ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return [JobRow.from_row(r) for r in rows]
+
+    # -------------------------------------------------------------------- agents
+
+    async def agent_seen(self, name: str, found_by: str, hello: dict[str, Any]) -> None:
+        await self._run(self._agent_seen, name, found_by, hello)
+
+    def _agent_seen(self, name: str, found_by: str, hello: dict[str, Any]) -> None:
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO agents (name, first_seen, last_seen, found_by, hello) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET last_seen = excluded.last_seen,"
+            " found_by = excluded.found_by, hello = excluded.hello",
+            (name, now, now, found_by, json.dumps(hello)))
+
+    async def agent_heartbeat(self, name: str, heartbeat: dict[str, Any]) -> None:
+        await self._run(self._agent_heartbeat, name, heartbeat)
+
+    def _agent_heartbeat(self, name: str, heartbeat: dict[str, Any]) -> None:
+        self.db.execute("UPDATE agents SET last_seen = ?, heartbeat = ? WHERE name = ?",
+                        (time.time(), json.dumps(heartbeat), name))
+
+    async def set_draining(self, name: str, draining: bool) -> bool:
+        return await self._run(self._set_draining, name, draining)
+
+    def _set_draining(self, name: str, draining: bool) -> bool:
+        cur = self.db.execute("UPDATE agents SET draining = ? WHERE name = ?",
+                              (int(draining), name))
+        return cur.rowcount == 1
+
+    async def agents(self) -> list[AgentRow]:
+        return await self._run(self._agents)
+
+    def _agents(self) -> list[AgentRow]:
+        rows = self.db.execute("SELECT name, first_seen, last_seen, found_by, hello, heartbeat,"
+                               " draining FROM agents ORDER BY name").fetchall()
+        return [AgentRow(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5]), bool(r[6]))
+                for r in rows]
+
+    # -------------------------------------------------------------- agent tokens
+
+    async def add_token(self, jti: str, agent: str) -> None:
+        await self._run(lambda: self.db.execute(
+            "INSERT INTO agent_tokens VALUES (?, ?, ?, NULL)", (jti, agent, time.time())))
+
+    async def token_valid(self, jti: str, agent: str) -> bool:
+        """Known, not revoked, and issued to this agent."""
+        row = await self._run(lambda: self.db.execute(
+            "SELECT agent, revoked_at FROM agent_tokens WHERE jti = ?", (jti,)).fetchone())
+        return row is not None and row[0] == agent and row[1] is None
+
+    async def revoke_tokens(self, agent: str) -> int:
+        cur = await self._run(lambda: self.db.execute(
+            "UPDATE agent_tokens SET revoked_at = ? WHERE agent = ? AND revoked_at IS NULL",
+            (time.time(), agent)))
+        return cur.rowcount
+
+
+STORE = web.AppKey("pfleet.store", Store)

@@ -1,0 +1,315 @@
+"""Safe unpacking of the zipfile-mode ``data_file`` (controller.storage.unzip)."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from controller.storage import unzip
+from controller.storage.paths import StorageError, key_dir, safe_join
+from controller.storage.unzip import unpack_zip
+
+MiB = 1 << 20
+LIMITS = {"max_files": 1000, "max_bytes": 64 * MiB}
+
+
+def make_zip(entries: list[tuple[str | zipfile.ZipInfo, bytes]], **kw: object) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, **kw) as zf:
+        for name, data in entries:
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def info(name: str, mode: int) -> zipfile.ZipInfo:
+    zi = zipfile.ZipInfo(name)
+    zi.create_system = 3
+    zi.external_attr = mode << 16
+    return zi
+
+
+def tree(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() + ("/" if p.is_dir() else "") for p in root.rglob("*")}
+
+
+def unpack(tmp_path: Path, data: bytes, **limits: int) -> tuple[int, Path]:
+    zip_path = tmp_path / "data.zip"
+    zip_path.write_bytes(data)
+    dest = tmp_path / "incoming"
+    dest.mkdir()
+    return unpack_zip(zip_path, dest, **{**LIMITS, **limits}), dest
+
+
+def refused(tmp_path: Path, data: bytes, **limits: int) -> StorageError:
+    with pytest.raises(StorageError) as exc:
+        unpack(tmp_path, data, **limits)
+    assert exc.value.field == "data_file"
+    return exc.value
+
+
+def patch_central(data: bytes, offset: int, fmt: str, value: int, *, local: bool = False) -> bytes:
+    """Overwrite a field in every central-directory header (and local header)."""
+    out = bytearray(data)
+    sigs = [(b"PK\x01\x02", offset)]
+    if local:
+        # central offsets 10..27 map to local offsets 8..25 (no 'version made by')
+        sigs.append((b"PK\x03\x04", offset - 2))
+    for sig, off in sigs:
+        start = 0
+        while (pos := out.find(sig, start)) >= 0:
+            struct.pack_into(fmt, out, pos + off, value)
+            start = pos + 4
+    return bytes(out)
+
+
+# -- paths --------------------------------------------------------------------------
+
+
+def test_safe_join_accepts_relative_and_refuses_escapes(tmp_path: Path) -> None:
+    assert safe_join(tmp_path, "a/./b//c") == tmp_path / "a" / "b" / "c"
+    assert safe_join(tmp_path, "") == tmp_path
+    for bad, why in [
+        ("/etc", "must be relative"),
+        ("\\x", "must be relative"),
+        ("C:\\x", "must be relative"),
+        ("a/../../x", "must not contain '..'"),
+        ("..", "must not contain '..'"),
+        ("a\x00b", "NUL"),
+    ]:
+        with pytest.raises(StorageError, match=why) as exc:
+            safe_join(tmp_path, bad, field="job_output_path")
+        assert exc.value.status == 400
+        assert exc.value.field == "job_output_path"
+        assert str(exc.value).startswith("job_output_path: ")
+
+
+def test_key_dir(tmp_path: Path) -> None:
+    assert key_dir(tmp_path, "chris-jid-4") == tmp_path / "key-chris-jid-4"
+    with pytest.raises(StorageError, match="jid: invalid job id"):
+        key_dir(tmp_path, "../x")
+
+
+# -- good zips ----------------------------------------------------------------------
+
+
+def test_unpacks_files_and_dirs_and_counts_without_links(tmp_path: Path) -> None:
+    data = make_zip(
+        [
+            ("a.txt", b"A"),
+            ("sub/b.txt", b"B" * 3000),
+            ("empty/", b""),
+            ("sub/deeper/c.bin", bytes(range(256))),
+            ("x.chrislink", b"home/bob"),
+        ]
+    )
+    nfiles, dest = unpack(tmp_path, data)
+    assert nfiles == 3
+    assert tree(dest) == {
+        "a.txt",
+        "sub/",
+        "sub/b.txt",
+        "empty/",
+        "sub/deeper/",
+        "sub/deeper/c.bin",
+        "x.chrislink",
+    }
+    assert (dest / "sub/b.txt").read_bytes() == b"B" * 3000
+    assert (dest / "sub/deeper/c.bin").read_bytes() == bytes(range(256))
+
+
+def test_valid_empty_zip_gives_zero_files(tmp_path: Path) -> None:
+    nfiles, dest = unpack(tmp_path, make_zip([]))
+    assert nfiles == 0
+    assert list(dest.iterdir()) == []
+
+
+def test_modes_are_normalised_but_owner_exec_kept(tmp_path: Path) -> None:
+    data = make_zip(
+        [
+            (info("run.sh", stat.S_IFREG | 0o4775), b"#!/bin/sh\n"),
+            (info("secret.txt", stat.S_IFREG | 0o600), b"s"),
+            (info("d/", stat.S_IFDIR | 0o700), b""),
+            ("plain.txt", b"p"),
+        ]
+    )
+    old = os.umask(0o077)
+    try:
+        nfiles, dest = unpack(tmp_path, data)
+    finally:
+        os.umask(old)
+    assert nfiles == 3
+    assert stat.S_IMODE((dest / "run.sh").stat().st_mode) == 0o755
+    assert stat.S_IMODE((dest / "secret.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((dest / "plain.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((dest / "d").stat().st_mode) == 0o755
+
+
+def test_streams_large_entry_intact(tmp_path: Path) -> None:
+    payload = os.urandom(3 * MiB + 17)
+    nfiles, dest = unpack(tmp_path, make_zip([("big.bin", payload)]))
+    assert nfiles == 1
+    assert (dest / "big.bin").read_bytes() == payload
+
+
+def test_backslashes_are_separators(tmp_path: Path) -> None:
+    nfiles, dest = unpack(tmp_path, make_zip([("dir\\file.txt", b"x")]))
+    assert nfiles == 1
+    assert tree(dest) == {"dir/", "dir/file.txt"}
+
+
+def test_duplicate_names_later_wins_and_counts_once(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        data = make_zip([("x.txt", b"first"), ("x.txt", b"second")])
+    nfiles, dest = unpack(tmp_path, data)
+    assert nfiles == 1
+    assert (dest / "x.txt").read_bytes() == b"second"
+
+
+# -- bad and hostile zips -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"1000", b"", b"PK\x03\x04garbage", pytest.param(None, id="truncated")],
+)
+def test_not_a_zip(tmp_path: Path, data: bytes | None) -> None:
+    if data is None:
+        full = make_zip([("a.txt", os.urandom(5000))])
+        data = full[: len(full) // 2]
+    err = refused(tmp_path, data)
+    assert str(err) == "data_file: Bad zip file"
+    assert err.status == 400
+
+
+def test_corrupt_entry_data(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr("a.txt", b"hello world")
+    data = buf.getvalue().replace(b"hello world", b"hello WORLD")
+    err = refused(tmp_path, data)
+    assert str(err) == "data_file: Bad zip file (entry 'a.txt' is corrupt)"
+    assert err.status == 400
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("../evil", "data_file: entry '../evil' contains '..'"),
+        ("a/../../evil", "data_file: entry 'a/../../evil' contains '..'"),
+        ("..\\evil", "data_file: entry '..\\\\evil' contains '..'"),
+        ("/abs", "data_file: entry '/abs' has an absolute path"),
+        ("\\abs", "data_file: entry '\\\\abs' has an absolute path"),
+        ("C:\\x.txt", "data_file: entry 'C:\\\\x.txt' has an absolute path"),
+        ("c:/x.txt", "data_file: entry 'c:/x.txt' has an absolute path"),
+        ("./", None),
+    ],
+)
+def test_refuses_escaping_names(tmp_path: Path, name: str, message: str | None) -> None:
+    data = make_zip([("ok.txt", b"ok"), (name, b"x")])
+    if message is None:  # './' is harmless: a directory entry for dest itself
+        nfiles, dest = unpack(tmp_path, data)
+        assert (nfiles, tree(dest)) == (1, {"ok.txt"})
+        return
+    err = refused(tmp_path, data)
+    assert str(err) == message
+    assert err.status == 400
+    assert not (tmp_path / "evil").exists()
+    assert not (tmp_path / "incoming" / "ok.txt").exists()  # refused before writing
+
+
+@pytest.mark.parametrize(
+    ("mode", "why"),
+    [
+        (stat.S_IFLNK | 0o777, "is a symbolic link"),
+        (stat.S_IFIFO | 0o644, "is a special file"),
+        (stat.S_IFCHR | 0o644, "is a special file"),
+    ],
+)
+def test_refuses_links_and_special_files(tmp_path: Path, mode: int, why: str) -> None:
+    err = refused(tmp_path, make_zip([(info("link", mode), b"/etc/passwd")]))
+    assert str(err) == f"data_file: entry 'link' {why}"
+    assert err.status == 400
+    assert list((tmp_path / "incoming").iterdir()) == []
+
+
+def test_refuses_encrypted_entries(tmp_path: Path) -> None:
+    data = patch_central(make_zip([("s.txt", b"secret")]), 8, "<H", 0x1)
+    assert str(refused(tmp_path, data)) == "data_file: entry 's.txt' is encrypted"
+
+
+def test_refuses_unsupported_compression(tmp_path: Path) -> None:
+    data = patch_central(make_zip([("d64.bin", b"x" * 100)]), 10, "<H", 9)
+    err = refused(tmp_path, data)
+    assert str(err) == "data_file: entry 'd64.bin' uses unsupported compression method 9"
+
+
+@pytest.mark.parametrize(
+    ("entries", "culprit"),
+    [
+        ([("a", b"f"), ("a/b", b"x")], "a"),
+        ([("a/b", b"x"), ("a", b"f")], "a"),
+        ([("d/", b""), ("d", b"f")], "d"),
+    ],
+)
+def test_refuses_file_directory_conflicts(
+    tmp_path: Path, entries: list[tuple[str, bytes]], culprit: str
+) -> None:
+    err = refused(tmp_path, make_zip(entries))
+    assert str(err) == f"data_file: entry {culprit!r} is both a file and a directory"
+
+
+def test_too_many_entries(tmp_path: Path) -> None:
+    data = make_zip([(f"f{i}.txt", b"x") for i in range(10)])
+    err = refused(tmp_path, data, max_files=5)
+    assert (str(err), err.status) == ("data_file: more than 5 entries", 413)
+    assert list((tmp_path / "incoming").iterdir()) == []
+
+
+def test_exactly_max_files_is_fine(tmp_path: Path) -> None:
+    nfiles, _ = unpack(tmp_path, make_zip([(f"f{i}.txt", b"x") for i in range(10)]), max_files=10)
+    assert nfiles == 10
+
+
+def test_declared_size_over_limit_refused_before_writing(tmp_path: Path) -> None:
+    data = make_zip([("a.bin", bytes(6 * MiB)), ("b.bin", bytes(5 * MiB))])
+    err = refused(tmp_path, data, max_bytes=10 * MiB)
+    assert (str(err), err.status) == ("data_file: uncompressed size over 10 MiB", 413)
+    assert list((tmp_path / "incoming").iterdir()) == []
+
+
+def bomb() -> bytes:
+    return make_zip([("bomb.bin", bytes(50 * MiB))])
+
+
+def test_lying_sizes_never_write_past_the_declared_size(tmp_path: Path) -> None:
+    # the central directory and local header claim 1000 bytes for 50 MiB of zeros
+    data = patch_central(bomb(), 24, "<I", 1000, local=True)
+    err = refused(tmp_path, data, max_bytes=10 * MiB)
+    assert str(err) == "data_file: Bad zip file (entry 'bomb.bin' is corrupt)"
+    assert (tmp_path / "incoming" / "bomb.bin").stat().st_size <= 1000
+
+
+def test_actual_bytes_are_counted_while_extracting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bypass the declared-size check to prove the running count alone stops a bomb
+    real_plan = unzip._plan
+    monkeypatch.setattr(unzip, "_plan", lambda infos, mf, mb: real_plan(infos, mf, 1 << 40))
+    err = refused(tmp_path, bomb(), max_bytes=10 * MiB)
+    assert (str(err), err.status) == ("data_file: uncompressed size over 10 MiB", 413)
+    assert (tmp_path / "incoming" / "bomb.bin").stat().st_size <= 10 * MiB
+
+
+def test_budget_spans_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_plan = unzip._plan
+    monkeypatch.setattr(unzip, "_plan", lambda infos, mf, mb: real_plan(infos, mf, 1 << 40))
+    data = make_zip([(f"part{i}.bin", bytes(3 * MiB)) for i in range(4)])
+    err = refused(tmp_path, data, max_bytes=10 * MiB)
+    assert str(err) == "data_file: uncompressed size over 10 MiB"
+    assert sum(p.stat().st_size for p in (tmp_path / "incoming").iterdir()) <= 10 * MiB

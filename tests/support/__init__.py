@@ -1,0 +1,1 @@
+"""Test-suite support code (real engines etc.); not collected as tests."""

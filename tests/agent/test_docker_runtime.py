@@ -1,8 +1,9 @@
 """DockerRuntime against real engines: the private dockerd and podman service of the suite.
 
 Every test names its containers uniquely and runs its runtime under an agent name of its
-own; the ``runtimes`` fixture (over conftest's ``storebase``) closes each runtime and removes every container carrying
-that agent's label.  Every wait is bounded (status is polled in 0.1 s steps).
+own; the ``runtimes`` fixture (storeBase: conftest's ``storebase``) closes each runtime and
+removes every container carrying that agent's label.  Every wait is bounded (status is
+polled in 0.1 s steps).
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ def engine_env(engine: Engine, storebase: Path) -> dict[str, str]:
     """Agent runtime settings for ``engine`` with a host-path storeBase."""
     return {"DOCKER_HOST": engine.url, "CONTAINER_ENV": engine.kind,
             "COMPUTE_VOLUME_TYPE": "host", "STOREBASE": str(storebase),
-            "STOREBASE_MOUNT": str(storebase), "PFLEET_AGENT_POLL_INTERVAL": "1"}
+            "STOREBASE_MOUNT": str(storebase), "PFLEET_AGENT_POLL_INTERVAL": "1",
+            # Tests run more jobs at once than this 2-core machine would place by default.
+            "PFLEET_AGENT_CPU_MILLICORES": "32000"}
 
 
 class Deployment:

@@ -290,6 +290,13 @@ def _state_dir(kind: str) -> Iterator[tuple[Path, bool]]:
         except BlockingIOError:
             shared = False
         if shared:
+            # Per-session directories of crashed concurrent sessions: reap and remove.
+            for d in base.glob("session-*"):
+                m = re.fullmatch(r"session-(\d+)", d.name)
+                if m and not _pid_alive(int(m.group(1))):
+                    _reap_previous(d / "session.json")
+                    _umount_under(d)
+                    shutil.rmtree(d, ignore_errors=True)
             yield base, True
             return
         private = base / f"session-{os.getpid()}"
@@ -662,7 +669,7 @@ def start_podman_engine(build_images: bool = True) -> Iterator[Engine]:
         url = f"unix://{sock}"
         rec = {
             "markers": [str(scratch), str(root), str(run_base)],
-            "scratch": [str(scratch)],
+            "scratch": [str(scratch), str(run_base)],
             "netns": netns,
         }
         _write_record(record, **rec)

@@ -104,11 +104,15 @@ class Supervisor:
             handle = found.get(spec.job)
             if spec.op is not None:
                 self._spawn(self._run_op(tracked), f"op-{spec.name}")
-            elif handle is not None and handle.attempt == spec.attempt:
+            elif (handle is not None and handle.attempt == spec.attempt
+                  and tracked.running_reported):
                 tracked.handle = handle
                 log.info("re-attached jid=%s name=%s attempt=%s", spec.jid, spec.name,
                          spec.attempt)
             else:
+                # Never reported running: it may never have been created, or created
+                # but not started.  start() is idempotent per attempt, so it finishes
+                # the job of the killed agent without ever starting a workload twice.
                 self._spawn(self._start(tracked), f"start-{spec.name}")
         self._wake.set()
 

@@ -161,6 +161,9 @@ def load_config(env: Mapping[str, str] | None = None, *, dev: bool = False) -> C
         problems.append(f"STORAGE_ENV: out-of-network mode supports only 'zipfile', got "
                         f"{storage!r} (set PFCON_INNETWORK=true for in-network storage)")
     values["storage_env"] = storage
+    if innetwork and storage in INNETWORK_STORAGES:
+        problems.append(f"PFCON_INNETWORK: in-network storage ({storage}) is not available in "
+                        "this version of pfleet yet; use the zipfile mode")
 
     container_env = env.get("CONTAINER_ENV") or "docker"
     if container_env not in CONTAINER_ENVS:

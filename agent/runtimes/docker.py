@@ -345,6 +345,9 @@ class DockerRuntime(Runtime):
         except (RuntimeFailure, *ENGINE_ERRORS) as exc:
             log.warning("events.unavailable engine=%s reason=%s", self.name, short_error(str(exc)))
             return
+        if self._closed:  # close() ran while the stream was being opened
+            _close_stream(stream)
+            return
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         thread = threading.Thread(

@@ -42,9 +42,9 @@ class Field:
     choices: tuple[str, ...] = ()
 
 
+# In pfcon's parser order: a bundle lists the bad fields in this order.
 PLUGIN_FIELDS = (
     Field("jid", "jid", required=True),
-    Field("entrypoint", "list", required=True),
     Field("args", "list", default=[]),
     Field("args_path_flags", "list", default=[]),
     Field("auid", "str", required=True),
@@ -53,6 +53,7 @@ PLUGIN_FIELDS = (
     Field("memory_limit", "int", required=True),
     Field("gpu_limit", "int", required=True),
     Field("image", "str", required=True),
+    Field("entrypoint", "list", required=True),
     Field("type", "choice", required=True, choices=("ds", "fs", "ts")),
     Field("env", "list", default=[]),
     Field("input_dirs", "list", default=None),
@@ -188,7 +189,9 @@ async def _read_multipart(request: web.Request, body: FormBody, spool_dir: Path 
         if not isinstance(part, BodyPartReader):
             raise BadRequest("nested multipart bodies are not supported")
         name = part.name or ""
-        if name == "data_file" or part.filename is not None:
+        # Only parts with a filename are files (Werkzeug's rule): a plain text part
+        # named data_file is a form field, so pfcon answers "no data_file".
+        if part.filename is not None:
             if name == "data_file" and spool_dir is not None and body.upload is None:
                 await _spool(part, body, spool_dir, max_upload_bytes)
             else:

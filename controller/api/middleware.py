@@ -53,7 +53,9 @@ def json_body(config: Config, data: Any) -> str:
 
 
 def json_response(request: web.Request, data: Any, status: int = 200) -> web.Response:
-    return web.Response(text=json_body(request.app[CONFIG], data), status=status,
+    # Bytes, not text: aiohttp would add "; charset=utf-8"; pfcon sends exactly
+    # "Content-Type: application/json".
+    return web.Response(body=json_body(request.app[CONFIG], data).encode(), status=status,
                         content_type="application/json")
 
 
@@ -82,5 +84,6 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     route_handler = getattr(match, "handler", None)
     if match.http_exception is not None or getattr(route_handler, "pfleet_public", False):
         return await handler(request)
-    request.app[VERIFIER].check_header(request.headers.get("Authorization"))
+    # An empty header is a missing one, as in pfcon (`if not bearer_token`).
+    request.app[VERIFIER].check_header(request.headers.get("Authorization") or None)
     return await handler(request)

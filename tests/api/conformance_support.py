@@ -99,6 +99,16 @@ def multipart(fields: Iterable[tuple[str, str]], data_file: bytes | None = DEFAU
     return form
 
 
+def ordered(value: Any) -> Any:
+    """``value`` with every dict turned into its item list, so that comparing two
+    ordered() values also compares key order."""
+    if isinstance(value, dict):
+        return [(k, ordered(v)) for k, v in value.items()]
+    if isinstance(value, list):
+        return [ordered(v) for v in value]
+    return value
+
+
 async def read_json(r: aiohttp.ClientResponse) -> Any:
     return json.loads(await r.text())
 
@@ -119,11 +129,11 @@ async def get_status(s: aiohttp.ClientSession, h: Harness, jid: str,
 
 async def wait_status(s: aiohttp.ClientSession, h: Harness, jid: str,
                       statuses: Sequence[str] = TERMINAL, collection: str = "pluginjobs",
-                      timeout: float = 5.0) -> dict[str, Any]:
+                      within: float = 5.0) -> dict[str, Any]:
     """Poll the status until it is one of ``statuses``; return the compute object."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     body: Any = None
-    for _ in range(int(timeout / 0.02) + 1):
+    for _ in range(int(within / 0.02) + 1):
         status, body = await get_status(s, h, jid, collection)
         assert status == 200, body
         if body["compute"]["status"] in statuses:

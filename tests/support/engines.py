@@ -268,46 +268,9 @@ def _sweep_dead_netns() -> None:
     """Delete ``pfleet-test-<pid>[-pod]`` namespaces whose pytest process is gone."""
     with contextlib.suppress(OSError):
         for name in os.listdir("/run/netns"):
-            m = re.fullmatch(re.escape(NETNS_PREFIX) + r"(\d+)(-pod)?", name)
+            m = re.fullmatch(re.escape(NETNS_PREFIX) + r"(\d+)(-pod|-reap)?", name)
             if m and not _pid_alive(int(m.group(1))):
                 _netns_del(name)
-
-
-@contextlib.contextmanager
-def _state_dir(kind: str) -> Iterator[tuple[Path, bool]]:
-    """Yield (directory, shared) for this session's engine storage.
-
-    The persistent directory ``.pfleet/test-engine/<kind>`` is used when no other session
-    holds it (flock); otherwise a per-session directory below it, removed afterwards.
-    """
-    base = ENGINE_STATE / kind
-    base.mkdir(parents=True, exist_ok=True)
-    lock = open(base / "lock", "w")  # noqa: SIM115 - held for the whole session
-    try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shared = True
-        except BlockingIOError:
-            shared = False
-        if shared:
-            # Per-session directories of crashed concurrent sessions: reap and remove.
-            for d in base.glob("session-*"):
-                m = re.fullmatch(r"session-(\d+)", d.name)
-                if m and not _pid_alive(int(m.group(1))):
-                    _reap_previous(d / "session.json")
-                    _umount_under(d)
-                    shutil.rmtree(d, ignore_errors=True)
-            yield base, True
-            return
-        private = base / f"session-{os.getpid()}"
-        private.mkdir(exist_ok=True)
-        try:
-            yield private, False
-        finally:
-            _umount_under(private)
-            shutil.rmtree(private, ignore_errors=True)
-    finally:
-        lock.close()
 
 
 def _read_record(record: Path) -> dict[str, Any]:
@@ -361,6 +324,62 @@ def _reap_previous(
         _netns_del(prev["netns"])
     record.unlink(missing_ok=True)
     return found
+
+
+def _sweep_sessions(base: Path, reap: Callable[[Path], bool]) -> None:
+    """Reap and remove per-session directories of crashed concurrent sessions."""
+    with open(base / "sweep.lock", "w") as lock:
+
+        def locked() -> bool:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
+        try:
+            wait_until(locked, 120, 0.1, f"{base}/sweep.lock")
+        except TimeoutError:
+            return  # someone else is sweeping
+        for d in base.glob("session-*"):
+            m = re.fullmatch(r"session-(\d+)", d.name)
+            if m and not _pid_alive(int(m.group(1))):
+                reap(d)
+                _umount_under(d)
+                shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _state_dir(kind: str, reap: Callable[[Path], bool]) -> Iterator[tuple[Path, bool]]:
+    """Yield (directory, reaped) for this session's engine storage.
+
+    The persistent directory ``.pfleet/test-engine/<kind>`` is used when no other session
+    holds it (flock); otherwise a per-session directory below it, removed afterwards.
+    ``reap(dir)`` stops what a crashed earlier session left running in a directory;
+    ``reaped`` says whether it found anything (then leftovers should be removed).
+    """
+    base = ENGINE_STATE / kind
+    base.mkdir(parents=True, exist_ok=True)
+    lock = open(base / "lock", "w")  # noqa: SIM115 - held for the whole session
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shared = True
+        except BlockingIOError:
+            shared = False
+        _sweep_sessions(base, reap)
+        if shared:
+            yield base, reap(base)
+            return
+        private = base / f"session-{os.getpid()}"
+        private.mkdir(exist_ok=True)
+        try:
+            yield private, False
+        finally:
+            _umount_under(private)
+            shutil.rmtree(private, ignore_errors=True)
+    finally:
+        lock.close()
 
 
 # --------------------------------------------------------------------------- engines
@@ -508,6 +527,65 @@ def _containerd_own_config(path: Path, data_root: Path, exec_root: Path) -> Path
     return sock
 
 
+def _reap_docker(state: Path) -> bool:
+    # dockerd gets SIGTERM first and stops its containers itself.
+    return _reap_previous(state / "session.json")
+
+
+def _podman_setup(state: Path) -> tuple[Path, Path, list[str], dict[str, str]]:
+    """(root, run_base, global flags, env) of the podman storage in ``state``."""
+    root = state / "root"
+    # podman refuses a runroot longer than 50 characters: keep per-boot state in /run,
+    # at a path derived from (so stable for) the storage root, as podman's DB requires.
+    run_base = Path("/run/pfleet-test") / hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    # Our own storage.conf, so a system /etc/containers/storage.conf cannot add options.
+    storage_conf = state / "storage.conf"
+    storage_conf.write_text(
+        f'[storage]\ndriver = "overlay"\ngraphroot = "{root}"\nrunroot = "{run_base}/run"\n'
+    )
+    env = {
+        **os.environ,
+        "CONTAINERS_CONF": str(CONTAINERS_CONF),
+        "CONTAINERS_STORAGE_CONF": str(storage_conf),
+    }
+    env.pop("CONTAINER_HOST", None)
+    flags = [
+        "--root", str(root),
+        "--runroot", str(run_base / "run"),
+        "--tmpdir", str(run_base / "tmp"),
+        "--storage-driver", "overlay",
+        "--cgroup-manager", "cgroupfs",
+        "--events-backend", "file",
+    ]  # fmt: skip
+    return root, run_base, flags, env
+
+
+def _reap_podman(state: Path) -> bool:
+    def remove_orphans(prev: dict[str, Any]) -> None:
+        # conmon keeps the containers of a dead service running: remove them with a local
+        # podman on the same storage, inside the old namespace (for netavark's teardown).
+        # Never in the root namespace: netavark would tear down bridge/firewall state there.
+        _root, _run_base, flags, env = _podman_setup(state)
+        podman_bin = shutil.which("podman") or "podman"
+        ns = prev.get("netns", "")
+        temp_ns = None
+        if not ns or not _netns_exists(ns):
+            ns = temp_ns = f"{NETNS_PREFIX}{os.getpid()}-reap"
+            _netns_add(ns)
+        try:
+            for args in (["pod", "rm", "-af"], ["rm", "-af", "-t", "0"]):
+                _run(
+                    ["nsenter", f"--net=/run/netns/{ns}", podman_bin, *flags, *args],
+                    timeout=120,
+                    env=env,
+                )
+        finally:
+            if temp_ns:
+                _netns_del(temp_ns)
+
+    return _reap_previous(state / "session.json", before_kill=remove_orphans)
+
+
 @contextlib.contextmanager
 def start_docker_engine(build_images: bool = True) -> Iterator[Engine]:
     """Context manager behind the ``docker_engine`` fixture (usable outside pytest)."""
@@ -515,10 +593,9 @@ def start_docker_engine(build_images: bool = True) -> Iterator[Engine]:
     docker_bin = shutil.which("docker")
     if docker_bin is None:
         raise EngineStartError("missing docker CLI: run scripts/bootstrap.sh")
-    _sweep_dead_netns()
-    with _state_dir("docker") as (state, _shared):
+    with _state_dir("docker", _reap_docker) as (state, reaped):
+        _sweep_dead_netns()  # after reaping: that may still need the old namespaces
         record = state / "session.json"
-        reaped = _reap_previous(record)
         data_root = state / "data"
         data_root.mkdir(exist_ok=True)
         # Short path: containerd's socket lives below it (unix socket paths <= 107 bytes).
@@ -618,45 +695,13 @@ def start_podman_engine(build_images: bool = True) -> Iterator[Engine]:
     """Context manager behind the ``podman_engine`` fixture (usable outside pytest)."""
     _require("podman", "ip", "nsenter", "umount")
     podman_bin = shutil.which("podman") or "podman"
-    _sweep_dead_netns()
-    with _state_dir("podman") as (state, _shared):
+    with _state_dir("podman", _reap_podman) as (state, reaped):
+        _sweep_dead_netns()  # after reaping: that may still need the old namespaces
         record = state / "session.json"
-        root = state / "root"
-        # podman refuses a runroot longer than 50 characters: keep per-boot state in /run,
-        # at a path derived from (so stable for) the storage root, as podman's DB requires.
-        run_base = Path("/run/pfleet-test") / hashlib.sha256(str(root).encode()).hexdigest()[:12]
+        root, run_base, global_flags, env = _podman_setup(state)
         runroot, tmpdir = run_base / "run", run_base / "tmp"
         log_path = state / "podman.log"
         netns = f"{NETNS_PREFIX}{os.getpid()}-pod"
-        # Our own storage.conf, so a system /etc/containers/storage.conf cannot add options.
-        storage_conf = state / "storage.conf"
-        storage_conf.write_text(
-            f'[storage]\ndriver = "overlay"\ngraphroot = "{root}"\nrunroot = "{runroot}"\n'
-        )
-        env = {
-            **os.environ,
-            "CONTAINERS_CONF": str(CONTAINERS_CONF),
-            "CONTAINERS_STORAGE_CONF": str(storage_conf),
-        }
-        env.pop("CONTAINER_HOST", None)
-        global_flags = [
-            "--root", str(root),
-            "--runroot", str(runroot),
-            "--tmpdir", str(tmpdir),
-            "--storage-driver", "overlay",
-            "--cgroup-manager", "cgroupfs",
-            "--events-backend", "file",
-        ]  # fmt: skip
-
-        def remove_orphans(prev: dict[str, Any]) -> None:
-            # conmon keeps containers of a dead service running: remove them with a local
-            # podman on the same storage, inside the old namespace (netavark teardown).
-            old_ns = prev.get("netns", "")
-            prefix = ["nsenter", f"--net=/run/netns/{old_ns}"] if _netns_exists(old_ns) else []
-            for args in (["pod", "rm", "-af"], ["rm", "-af", "-t", "0"]):
-                _run([*prefix, podman_bin, *global_flags, *args], timeout=120, env=env)
-
-        reaped = _reap_previous(record, before_kill=remove_orphans)
         # runroot and tmpdir hold per-boot state; starting with them empty makes podman
         # "refresh" (forget containers that were running when an earlier session ended).
         for d in (runroot, tmpdir):

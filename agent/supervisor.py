@@ -285,9 +285,12 @@ class Supervisor:
                 logs = await self.runtime.logs(tracked.handle, spec.logs_tail)
             except RuntimeUnavailable:
                 logs = ""
+            exit_code = status.exit_code
+            if status.extra.get("dead") and not exit_code:
+                exit_code = 255  # a dead container never ended well, whatever it reports
             await self._finish(tracked, p.Event(
                 seq=0, job=spec.job, attempt=spec.attempt, state="exited",
-                exit_code=status.exit_code, oom=status.oom,
+                exit_code=exit_code, oom=status.oom,
                 started_at=status.started_at or tracked.started_at,
                 finished_at=status.finished_at or now_rfc3339(), logs=logs,
                 message=status.message))

@@ -32,8 +32,12 @@ mkdir -p "$CACHE"
 WORK=$(mktemp -d "$CACHE/.work.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
+# Present and built by this recipe (images carry ENV PFLEET_TEST_IMAGE=r<recipe>).
 have_image() {
-    "${ENGINE[@]}" image inspect "$1" >/dev/null 2>&1
+    local env
+    env=$("${ENGINE[@]}" image inspect --format '{{range .Config.Env}}{{println .}}{{end}}' \
+        "$1" 2>/dev/null) || return 1
+    grep -qx "PFLEET_TEST_IMAGE=r$RECIPE" <<<"$env"
 }
 
 # Copy a file (following symlinks) into the rootfs at the same path.
@@ -109,12 +113,15 @@ import_image() {
 }
 
 if ! have_image "$BUSYBOX_IMAGE"; then
-    import_image "$BUSYBOX_IMAGE" "$(tarball busybox make_busybox_rootfs)" \
-        'ENV PATH=/bin' 'CMD ["/bin/sh"]'
+    tar=$(tarball busybox make_busybox_rootfs) # an assignment, so set -e sees failures
+    import_image "$BUSYBOX_IMAGE" "$tar" \
+        'ENV PATH=/bin' "ENV PFLEET_TEST_IMAGE=r$RECIPE" 'CMD ["/bin/sh"]'
     echo "built $BUSYBOX_IMAGE" >&2
 fi
 if ! have_image "$PYTHON_IMAGE"; then
-    import_image "$PYTHON_IMAGE" "$(tarball python-mini make_python_rootfs)" \
-        'ENV PATH=/usr/bin:/bin' 'ENV LANG=C.UTF-8' 'CMD ["python3"]'
+    tar=$(tarball python-mini make_python_rootfs)
+    import_image "$PYTHON_IMAGE" "$tar" \
+        'ENV PATH=/usr/bin:/bin' 'ENV LANG=C.UTF-8' "ENV PFLEET_TEST_IMAGE=r$RECIPE" \
+        'CMD ["python3"]'
     echo "built $PYTHON_IMAGE" >&2
 fi

@@ -70,8 +70,9 @@ async def auth_token(request: web.Request) -> web.Response:
         raise BadRequest("Failed to decode JSON object: the request body is not valid JSON."
                          ) from None
     body = body if isinstance(body, dict) else {}
-    missing = {k: MISSING_JSON for k in ("pfcon_user", "pfcon_password")
-               if body.get(k) in (None, "")}
+    # reqparse counts a present key as given, even when null or "": only absent
+    # keys are "missing"; null/"" then fail the credential check.
+    missing = {k: MISSING_JSON for k in ("pfcon_user", "pfcon_password") if k not in body}
     if missing:
         raise BadRequest(missing)
     if body["pfcon_user"] != config.pfcon_user or body["pfcon_password"] != config.pfcon_password:
@@ -195,7 +196,9 @@ routes.delete(_JOB_PATH)(delete_job)
 @routes.get(f"{API}/pluginjobs/{{jid}}/file/")
 async def get_plugin_file(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
-    jid = _jid_from_path(request)
+    jid = normalize_jid(request.match_info["jid"])
+    if not valid_jid(jid):
+        raise NotFound(GENERIC_NOT_FOUND)  # no key dir can exist: pfcon's plain 404
     key = key_dir(config.storebase_mount, jid)
     if not await request.app[JOBS].run_blocking(_ensure_outgoing, key):
         raise NotFound(GENERIC_NOT_FOUND)

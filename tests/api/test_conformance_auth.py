@@ -388,3 +388,18 @@ async def test_production_mode_is_compact_and_uses_its_own_credentials(tmp_path:
             assert (r.status, await r.text()) == (
                 401, '{"message": "Invalid authorization token."}\n')
 
+
+
+@pytest.mark.parametrize("body", [
+    {"pfcon_user": None, "pfcon_password": "pfcon1234"},
+    {"pfcon_user": "pfcon", "pfcon_password": ""},
+    {"pfcon_user": "", "pfcon_password": ""},
+    {"pfcon_user": 1, "pfcon_password": "pfcon1234"},
+])
+async def test_login_present_but_empty_fields_are_bad_credentials(harness: Harness,
+                                                                  body: object) -> None:
+    # Flask-RESTful's reqparse counts a key that is present (even null or "") as given.
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(harness.base + "auth-token/", json=body)
+        assert (r.status, await read_json(r)) == (
+            400, {"message": "Unable to log in with provided credentials."})

@@ -21,6 +21,7 @@ from tests.api.conformance_support import (
     MISSING_FORM,
     SUFFIX,
     ZERO_TIME,
+    fleet_job,
     get_status,
     open_harness,
     ordered,
@@ -28,7 +29,7 @@ from tests.api.conformance_support import (
     read_json,
     wait_status,
 )
-from tests.conftest import Harness
+from tests.conftest import Harness, start_fake_agent, stop_task
 
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
 DELETE_ACTIVE = ("The plugin job is still active (status: {}). All jobs must finish before "
@@ -425,3 +426,73 @@ async def test_delete_job_refused_while_plugin_is_queued(tmp_path: Path) -> None
         assert (r.status, await read_json(r)) == (
             409, {"message": DELETE_ACTIVE.format("notStarted")})
         assert (h.config.storebase_mount / "key-dj-5" / "incoming").is_dir()
+
+
+# ------------------------------------------------------- queued and lost jobs
+
+
+async def test_deleted_queued_job_never_runs(tmp_path: Path) -> None:
+    async with open_harness(tmp_path, agent=False) as h, \
+            aiohttp.ClientSession(headers=h.headers()) as s:
+        assert (await post_plugin(s, h, "q-del"))[0] == 201
+        assert (await s.delete(h.base + "pluginjobs/q-del/")).status == 204
+        assert (await post_plugin(s, h, "q-run"))[0] == 201
+        h.agent, h.runtime, h.agent_task = await start_fake_agent(h.config, h.server, tmp_path)
+        assert (await wait_status(s, h, "q-run"))["status"] == "finishedSuccessfully"
+        assert await workload_names(h) == ["q-run"]
+        assert (await get_status(s, h, "q-del"))[0] == 404
+
+
+async def test_job_of_a_lost_agent_is_undefined_and_can_be_rerun(tmp_path: Path) -> None:
+    async with open_harness(tmp_path, agent_lease=1.0) as h, \
+            aiohttp.ClientSession(headers=h.headers()) as s:
+        assert (await post_plugin(s, h, "lost-1", env=["PFLEET_FAKE_RUN_FOR=30"]))[0] == 201
+        await wait_status(s, h, "lost-1", ["started"])
+        await stop_task(h.agent_task)
+        h.agent_task = None
+        lost = await wait_status(s, h, "lost-1", ["undefined"])
+        assert lost["message"] == "agent fake1 lost: no contact for 1 s"
+        # The delete guard lets an undefined plugin job pass.
+        r = await s.post(h.base + "deletejobs/", data={"jid": "lost-1"})
+        assert r.status == 201
+        assert (await read_json(r))["compute"]["status"] == "notStarted"
+        assert (await s.delete(h.base + "deletejobs/lost-1/")).status == 204
+        # A re-POST of an undefined job starts a new attempt.
+        status, body = await post_plugin(s, h, "lost-1")
+        assert status == 201, body
+        assert body["data"]["nfiles"] == 2
+        assert body["compute"]["status"] == "notStarted"
+        assert (await fleet_job(s, h, "lost-1"))["attempt"] == 2
+
+
+async def test_concurrent_posts_of_one_jid_create_one_job(harness: Harness) -> None:
+    async with aiohttp.ClientSession(headers=harness.headers()) as s:
+        results = await asyncio.gather(*(
+            post_plugin(s, harness, "race-1", env=["PFLEET_FAKE_RUN_FOR=30"]) for _ in range(4)))
+        assert [status for status, _ in results] == [201] * 4
+        created = [body for _, body in results if body["data"]]
+        assert len(created) == 1
+        assert created[0]["data"]["nfiles"] == 2
+        assert (await fleet_job(s, harness, "race-1"))["attempt"] == 1
+        assert (await s.delete(harness.base + "pluginjobs/race-1/")).status == 204
+
+
+async def test_file_of_an_impossible_jid_is_generic_404(harness: Harness) -> None:
+    async with aiohttp.ClientSession(headers=harness.headers()) as s:
+        for jid in ("-x", "a b", ".."):
+            r = await s.get(f"{harness.base}pluginjobs/{jid}/file/")
+            if jid == "..":  # the client resolves the dot segment: another URL
+                assert r.status == 404
+                continue
+            assert (r.status, await read_json(r)) == (404, {"message": GENERIC_404})
+
+
+async def test_json_escapes_non_ascii_like_pfcon(harness: Harness) -> None:
+    async with aiohttp.ClientSession(headers=harness.headers()) as s:
+        env = ["PFLEET_FAKE_LOGS=h\u00e9llo \u2713\n"]
+        assert (await post_plugin(s, harness, "utf-1", env=env))[0] == 201
+        await wait_status(s, harness, "utf-1")
+        r = await s.get(harness.base + "pluginjobs/utf-1/")
+        text = await r.text()
+    assert '"logs": "h\\u00e9llo \\u2713\\n"' in text
+    assert text.isascii()

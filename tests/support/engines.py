@@ -504,6 +504,7 @@ def _remove_all(engine: Engine) -> None:
         engine.run_cli("rm", "--all", "--force", "--volumes", "--time", "0", timeout=120)
     engine.run_cli("network", "prune", "-f", timeout=60)
     engine.run_cli("volume", "prune", "-f", timeout=60)
+    engine.run_cli("image", "prune", "-f", timeout=60)  # dangling only: test images stay
 
 
 def _containerd_own_config(path: Path, data_root: Path, exec_root: Path) -> Path:

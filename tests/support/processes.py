@@ -172,8 +172,15 @@ class ControllerProc(Proc):
 
 
 def controller_proc(
-    workdir: Path, port: int, env: dict[str, str], *, local_agent: bool
+    workdir: Path,
+    port: int,
+    env: dict[str, str],
+    *,
+    local_agent: bool,
+    extra_args: list[str] | None = None,
 ) -> ControllerProc:
+    """The controller command (``--dev``, optionally ``--local-agent``) and its
+    environment; ``extra_args`` are appended to its argv (e.g. ``--log-level``)."""
     full_env = {
         "PATH": os.environ.get("PATH", ""),
         "HOME": os.environ.get("HOME", "/root"),
@@ -184,6 +191,7 @@ def controller_proc(
         **env,
     }
     argv = [str(BIN / "pfleet-controller"), "--dev"] + (["--local-agent"] if local_agent else [])
+    argv += list(extra_args or [])
     return ControllerProc(
         name="controller", argv=argv, env=full_env, log_path=workdir / "controller.log", port=port
     )

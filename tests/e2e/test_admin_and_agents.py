@@ -1,0 +1,153 @@
+"""The operator's side: ``pfleet`` commands, agent tokens at connect, the agent's
+local /health.  Real controller and agent processes; the agents use the fake
+runtime, so no engine is needed here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import jwt
+import pytest
+
+from tests.conftest import free_port
+from tests.support.processes import agent_proc, controller_proc, http_json, wait_for
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def controller(tmp_path: Path):
+    proc = controller_proc(tmp_path, free_port(), {"STOREBASE_MOUNT": str(tmp_path / "sb")},
+                           local_agent=False)
+    proc.start()
+    proc.wait_ready()
+    yield proc
+    proc.stop()
+
+
+def pfleet(controller, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "pfleet"), "--url", controller.base, *args],
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin"})
+
+
+def fake_agent(tmp_path: Path, controller, name: str, **env: str):
+    proc = agent_proc(tmp_path, name, controller, {"CONTAINER_ENV": "fake",
+                                                   "STOREBASE": str(tmp_path / "sb"), **env})
+    (tmp_path / "sb").mkdir(exist_ok=True)
+    return proc
+
+
+def test_token_create_agents_and_jobs_commands(tmp_path: Path, controller) -> None:
+    created = pfleet(controller, "token", "create", "h9")
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip()
+    assert jwt.decode(token, options={"verify_signature": False})["sub"] == "h9"
+
+    proc = fake_agent(tmp_path, controller, "h9", PFLEET_AGENT_TOKEN=token,
+                      PFLEET_AGENT_LABELS="zone=a")
+    proc.start()
+    try:
+        controller.wait_agent("h9")
+        table = pfleet(controller, "agents")
+        assert table.returncode == 0, table.stderr
+        header, row = table.stdout.splitlines()[:2]
+        assert header.split()[:3] == ["NAME", "STATE", "FOUND"]
+        assert row.split()[:5] == ["h9", "healthy", "configured", "fake", "64000m"]
+        listing = json.loads(pfleet(controller, "--json", "agents").stdout)
+        assert listing[0]["labels"] == {"zone": "a"}
+
+        # A job shows up in `pfleet jobs` with its state and agent.
+        token_c = controller.token()
+        body = urllib.parse.urlencode({"jid": "d1"}).encode()
+        (Path(controller.env["STOREBASE_MOUNT"]) / "key-d1").mkdir(parents=True)
+        req = urllib.request.Request(controller.base + "deletejobs/", data=body,
+                                     headers={"Authorization": f"Bearer {token_c}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 201
+        wait_for(lambda: any(j["name"] == "d1-delete" and j["state"] == "COMPLETE"
+                             for j in controller.jobs()), 20, what="delete job")
+        jobs = pfleet(controller, "jobs")
+        assert jobs.returncode == 0
+        line = next(l for l in jobs.stdout.splitlines() if l.startswith("d1-delete"))
+        assert line.split()[:6] == ["d1-delete", "delete", "COMPLETE", "finishedSuccessfully",
+                                    "1", "h9"]
+    finally:
+        proc.stop()
+
+
+def test_agent_with_a_bad_token_is_refused_and_exits(tmp_path: Path, controller) -> None:
+    forged = jwt.encode({"sub": "h1", "typ": "pfleet-agent", "jti": "x"}, "a-key-that-is-not-the-controllers-key",
+                        algorithm="HS256")
+    for name, token in (("h1", forged), ("h2", "garbage")):
+        proc = fake_agent(tmp_path, controller, name, PFLEET_AGENT_TOKEN=token)
+        proc.start()
+        assert proc.process is not None
+        assert proc.process.wait(timeout=30) == 78
+        assert "refused" in proc.log_tail()
+
+    # Another agent's token: valid signature, but the name does not match.
+    other = pfleet(controller, "token", "create", "h3").stdout.strip()
+    proc = fake_agent(tmp_path, controller, "h4", PFLEET_AGENT_TOKEN=other)
+    proc.start()
+    assert proc.process is not None
+    assert proc.process.wait(timeout=30) == 78
+    assert all(a["name"] != "h4" for a in controller.agents())
+
+
+def test_revoked_token_drops_the_agent(tmp_path: Path, controller) -> None:
+    proc = fake_agent(tmp_path, controller, "h5")
+    proc.start()
+    controller.wait_agent("h5")
+    revoked = pfleet(controller, "token", "revoke", "h5")
+    assert revoked.returncode == 0 and "revoked 1" in revoked.stdout
+    assert proc.process is not None
+    assert proc.process.wait(timeout=30) == 78
+
+
+def test_agent_health_endpoint_reports_the_controller_link(tmp_path: Path, controller) -> None:
+    port = free_port()
+    proc = fake_agent(tmp_path, controller, "h6", PFLEET_HEALTH_LISTEN=f"127.0.0.1:{port}")
+    proc.start()
+    try:
+        controller.wait_agent("h6")
+        url = f"http://127.0.0.1:{port}/health"
+        status, body = http_json("GET", url)
+        assert status == 200 and isinstance(body, dict)
+        assert body["status"] == "healthy" and body["problems"] == []
+        assert body["capacity"]["cpu_millicores"] == 64000
+        controller.stop()
+        wait_for(lambda: http_json("GET", url)[0] == 503, 20, what="agent to notice")
+        status, body = http_json("GET", url)
+        assert isinstance(body, dict)
+        assert any("controller link down" in p for p in body["problems"])
+        # It comes back by itself when the controller does.
+        controller.start()
+        controller.wait_ready()
+        wait_for(lambda: http_json("GET", url)[0] == 200, 30, what="agent to reconnect")
+    finally:
+        proc.stop()
+
+
+def test_agent_health_reports_a_missing_storebase(tmp_path: Path, controller) -> None:
+    port = free_port()
+    proc = fake_agent(tmp_path, controller, "h7", PFLEET_HEALTH_LISTEN=f"127.0.0.1:{port}",
+                      STOREBASE=str(tmp_path / "nowhere"))
+    proc.start()
+    try:
+        controller.wait_agent("h7")
+        url = f"http://127.0.0.1:{port}/health"
+        wait_for(lambda: http_json("GET", url)[0] == 503, 20, what="unhealthy agent")
+        body = http_json("GET", url)[1]
+        assert isinstance(body, dict)
+        assert any("storeBase" in p and "missing" in p for p in body["problems"])
+        agents = {a["name"]: a for a in controller.agents()}
+        wait_for(lambda: {a["name"]: a for a in controller.agents()}["h7"]["state"]
+                 == "unhealthy", 20, what="controller to see the problem")
+        assert agents["h7"]["name"] == "h7"
+    finally:
+        proc.stop()

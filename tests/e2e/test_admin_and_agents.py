@@ -73,7 +73,7 @@ def test_token_create_agents_and_jobs_commands(tmp_path: Path, controller) -> No
                              for j in controller.jobs()), 20, what="delete job")
         jobs = pfleet(controller, "jobs")
         assert jobs.returncode == 0
-        line = next(l for l in jobs.stdout.splitlines() if l.startswith("d1-delete"))
+        line = next(x for x in jobs.stdout.splitlines() if x.startswith("d1-delete"))
         assert line.split()[:6] == ["d1-delete", "delete", "COMPLETE", "finishedSuccessfully",
                                     "1", "h9"]
     finally:
@@ -81,8 +81,8 @@ def test_token_create_agents_and_jobs_commands(tmp_path: Path, controller) -> No
 
 
 def test_agent_with_a_bad_token_is_refused_and_exits(tmp_path: Path, controller) -> None:
-    forged = jwt.encode({"sub": "h1", "typ": "pfleet-agent", "jti": "x"}, "a-key-that-is-not-the-controllers-key",
-                        algorithm="HS256")
+    forged = jwt.encode({"sub": "h1", "typ": "pfleet-agent", "jti": "x"},
+                        "a-key-that-is-not-the-controllers-key", algorithm="HS256")
     for name, token in (("h1", forged), ("h2", "garbage")):
         proc = fake_agent(tmp_path, controller, name, PFLEET_AGENT_TOKEN=token)
         proc.start()

@@ -1,0 +1,1 @@
+"""Benchmarks: on demand only (``make bench``); see ``tests/bench/README.md``."""

@@ -44,7 +44,7 @@ class AgentView:
         return (req.cpu_millicores <= self.cpu_millicores
                 and req.memory_mib <= self.memory_mib
                 and req.gpus <= self.gpus
-                and (req.workers <= 1 or self.multi_worker))
+                and (req.workers == 1 or (self.multi_worker and req.workers >= 1)))
 
     def fits_now(self, req: Request) -> bool:
         return (self.used_cpu + req.cpu_millicores <= self.cpu_millicores
@@ -75,7 +75,9 @@ def never_fits(req: Request, agents: Iterable[AgentView],
         return None
     if any(a.can_ever_run(req) for a in pool):
         return None
-    if req.workers > 1 and not any(a.multi_worker for a in pool):
+    if req.workers < 1:
+        return f"number_of_workers must be at least 1, got number_of_workers={req.workers}"
+    if req.workers != 1 and not any(a.multi_worker for a in pool):
         return ("Compute environment only supports number_of_workers=1, "
                 f"got number_of_workers={req.workers}")
     if req.gpus and all(a.gpus < req.gpus for a in pool):

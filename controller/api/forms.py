@@ -197,13 +197,16 @@ async def _read_multipart(request: web.Request, body: FormBody, spool_dir: Path 
             else:
                 await _drain(part)
             continue
-        chunk = await part.read(decode=True)
-        text_bytes += len(chunk)
-        if text_bytes > MAX_TEXT_FIELDS_BYTES:
-            raise PayloadTooLarge(f"form fields larger than {MAX_TEXT_FIELDS_BYTES >> 20} MiB")
+        raw = bytearray()
+        while chunk := await part.read_chunk(64 << 10):  # capped as it arrives
+            text_bytes += len(chunk)
+            if text_bytes > MAX_TEXT_FIELDS_BYTES:
+                raise PayloadTooLarge(
+                    f"form fields larger than {MAX_TEXT_FIELDS_BYTES >> 20} MiB")
+            raw += chunk
         charset = part.get_charset(default="utf-8")
         try:
-            text = chunk.decode(charset)
+            text = bytes(part.decode(bytes(raw))).decode(charset)
         except (LookupError, UnicodeDecodeError):
             raise BadRequest({name: "not valid text"}) from None
         body.fields.setdefault(name, []).append(text)

@@ -37,8 +37,6 @@ from tests.api.conformance_support import (
 )
 from tests.conftest import Harness
 
-JID_RULE_START = "must start with a letter or digit and contain only letters, digits"
-
 
 def jid_error(value: str) -> str:
     return (f"must start with a letter or digit and contain only letters, digits, '_', '.' "
@@ -427,3 +425,18 @@ async def test_repost_of_queued_job_returns_it(tmp_path: Path) -> None:
         assert status == 201
         status, body = await post_plugin(s, h, "idem-q")
         assert (status, body) == (201, {"data": {}, "compute": first["compute"]})
+
+
+async def test_zero_workers_is_refused_at_submit(harness: Harness) -> None:
+    async with aiohttp.ClientSession(headers=harness.headers()) as s:
+        status, body = await post_plugin(s, harness, "workers-0", number_of_workers="0")
+        assert (status, body) == (400, {"message": "number_of_workers must be at least 1, "
+                                                   "got number_of_workers=0"})
+    assert leftovers(harness, "workers-0") == []
+
+
+async def test_oversized_text_field_is_refused_without_holding_it(harness: Harness) -> None:
+    async with aiohttp.ClientSession(headers=harness.headers()) as s:
+        status, body = await post_plugin(s, harness, "huge-arg", args=["x" * (5 << 20)])
+        assert (status, body) == (413, {"message": "form fields larger than 4 MiB"})
+    assert leftovers(harness, "huge-arg") == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +32,49 @@ _ENV_PREFIXES = ("PFLEET_", "PFCON_", "STORAGE_ENV", "STOREBASE", "SECRET_KEY", 
                  "CONTAINER_", "COMPUTE_VOLUME_TYPE", "VOLUME_NAME", "JOB_LABELS", "SHM_SIZE",
                  "IGNORE_LIMITS", "REMOVE_JOBS", "ENABLE_HOME_WORKAROUND", "DOCKER_HOST",
                  "APPLICATION_MODE", "SWIFT_")
+
+
+# Every event loop of the suite runs in debug mode, and a callback that holds the loop
+# longer than this fails the test that ran it (DESIGN §10: the loop never blocks).
+SLOW_CALLBACK_SECONDS = 0.25
+
+
+def _debug_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    loop.set_debug(True)
+    loop.slow_callback_duration = SLOW_CALLBACK_SECONDS
+    return loop
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config,
+                                  item: pytest.Item) -> dict[str, object]:
+    return {"debug": _debug_loop}
+
+
+class _SlowCallbacks(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        # A test body may block (it drives engines with the synchronous SDK); the
+        # product's own callbacks and tasks may not.
+        if (message.startswith("Executing ") and " took " in message
+                and "coro=<test_" not in message):
+            self.seen.append(message)
+
+
+@pytest.fixture(autouse=True)
+def no_slow_callbacks() -> Iterator[None]:
+    handler = _SlowCallbacks()
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addHandler(handler)
+    try:
+        yield
+    finally:
+        asyncio_log.removeHandler(handler)
+    assert not handler.seen, "the event loop was blocked:\n" + "\n".join(handler.seen)
 
 
 @pytest.fixture(autouse=True)

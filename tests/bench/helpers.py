@@ -339,6 +339,10 @@ REPORTS: list[Report] = []
 
 def publish(report: Report) -> None:
     """Print the table now (visible with ``-s``) and keep it for the session summary."""
+    load1 = os.getloadavg()[0]
+    busy = " - other work on the machine skews these figures" if load1 > 1.5 else ""
+    report.note(f"load average (1 min) when done: {load1:.2f} on {os.cpu_count()} cores{busy}")
+    report.extra["loadavg_1min"] = load1
     REPORTS.append(report)
     print("\n" + report.render(), flush=True)
 

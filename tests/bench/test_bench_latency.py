@@ -70,6 +70,7 @@ class Sides:
             ENTRYPOINT, PYTHON_IMAGE, cpu_limit=CPU_LIMIT, memory_limit=MEMORY_MIB
         )
         self.post_to_201: list[float] = []
+        self.sent: dict[str, tuple[float, float]] = {}  # name -> (request time, timestamp)
 
     # pfleet: POST, the container's timestamp, then wait for the end and clean up.
     def pfleet(self, name: str) -> float:
@@ -80,6 +81,7 @@ class Sides:
         if response.status_code != 201:
             raise JobFailed(f"submit {name}: {response.status_code} {response.text[:300]}")
         stamp = wait_timestamp(self.storebase / f"key-{name}" / "outgoing" / "t")
+        self.sent[name] = (t0, stamp)
         done = self.http.wait(name, interval=0.05, timeout=60.0)
         if done["status"] != "finishedSuccessfully":
             raise JobFailed(f"job {name}: {done}")
@@ -123,6 +125,7 @@ class Sides:
             nano_cpus=CPU_LIMIT * 1_000_000,
         )
         stamp = wait_timestamp(outgoing / "t")
+        self.sent[name] = (t0, stamp)
         code = container.wait(timeout=60)["StatusCode"]
         container.remove(force=True)
         shutil.rmtree(self.scratch / name)
@@ -145,6 +148,7 @@ class Sides:
         if run.returncode != 0:
             raise JobFailed(f"docker run {name}: {run.stderr.strip()}")
         stamp = wait_timestamp(outgoing / "t")
+        self.sent[name] = (t0, stamp)
         container = self.client.containers.get(name)
         code = container.wait(timeout=60)["StatusCode"]
         container.remove(force=True)
@@ -152,6 +156,32 @@ class Sides:
         if code != 0:
             raise JobFailed(f"baseline container {name} exited {code}")
         return stamp - t0
+
+
+def engine_phases(sides: Sides, since: float) -> dict[str, dict[str, list[float]]]:
+    """Per side, in ms: request -> the engine's ``create`` event, ``create`` -> ``start``,
+    ``start`` -> the container's own timestamp (the engine's events carry ns times)."""
+    seen: dict[str, dict[str, float]] = {}
+    events = sides.client.events(
+        since=int(since) - 1,
+        until=int(time.time()) + 1,
+        decode=True,
+        filters={"type": "container", "event": ["create", "start"]},
+    )
+    for event in events:
+        name = ((event.get("Actor") or {}).get("Attributes") or {}).get("name", "")
+        seen.setdefault(name, {})[str(event.get("Action"))] = int(event["timeNano"]) / 1e9
+    out: dict[str, dict[str, list[float]]] = {}
+    for name, (t0, stamp) in sides.sent.items():
+        marks = seen.get(name, {})
+        if "create" not in marks or "start" not in marks or "-warm-" in name:
+            continue
+        side = name.split("-")[1]
+        phases = out.setdefault(side, {"create": [], "start": [], "process": []})
+        phases["create"].append(1000 * (marks["create"] - t0))
+        phases["start"].append(1000 * (marks["start"] - marks["create"]))
+        phases["process"].append(1000 * (stamp - marks["start"]))
+    return out
 
 
 @pytest.mark.bench
@@ -170,12 +200,13 @@ def test_post_to_running_latency(bench_deployment, bench_engine: Engine, tmp_pat
         for name, run in runners:  # warm-up: caches, first-use paths
             run(f"lat-warm-{name}")
         sides.post_to_201.clear()
-        t_start = time.monotonic()
+        t_start, wall_start = time.monotonic(), time.time()
         for i in range(ROUNDS):
             k = i % len(runners)
             for name, run in runners[k:] + runners[:k]:
                 results[name].append(run(f"lat-{name}-{i}"))
         elapsed = time.monotonic() - t_start
+        phases = engine_phases(sides, wall_start)
     finally:
         http.close()
         sides.client.close()
@@ -199,6 +230,13 @@ def test_post_to_running_latency(bench_deployment, bench_engine: Engine, tmp_pat
     report.add("p90 vs docker CLI (ms)", percentile(ms["pfleet"], 90), percentile(ms["cli"], 90),
                "docker run -d")  # fmt: skip
     report.add("min POST->running (ms)", min(ms["pfleet"]), min(ms["sdk"]), "docker SDK")
+    labels = {"create": "  request -> engine 'create' event (ms)",
+              "start": "  'create' -> 'start' event (ms)",
+              "process": "  'start' event -> container's timestamp (ms)"}  # fmt: skip
+    if "pfleet" in phases and "sdk" in phases:
+        for key, label in labels.items():
+            report.add(label, median(phases["pfleet"][key]), median(phases["sdk"][key]),
+                       "docker SDK")  # fmt: skip
     post_ms = [v * 1000 for v in sides.post_to_201]
     report.add("median POST->201 answer (ms)", median(post_ms))
     report.add("median 201->running (ms)", p_med - median(post_ms))
@@ -207,5 +245,5 @@ def test_post_to_running_latency(bench_deployment, bench_engine: Engine, tmp_pat
     report.note(f"{ROUNDS * 3} timed runs in {elapsed:.0f} s; pfleet samples (ms): "
                 + " ".join(f"{v:.0f}" for v in ms["pfleet"]))  # fmt: skip
     report.note("docker SDK samples (ms): " + " ".join(f"{v:.0f}" for v in ms["sdk"]))
-    report.extra = {"samples_ms": ms, "post_to_201_ms": post_ms}
+    report.extra = {"samples_ms": ms, "post_to_201_ms": post_ms, "engine_phases_ms": phases}
     publish(report)

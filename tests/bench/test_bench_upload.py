@@ -128,6 +128,7 @@ def run_case(deployment: BenchDeployment, label: str, size: int, scratch: Path) 
     t = time.monotonic()
     zip_bytes = make_stored_zip(path, size)
     make_s = time.monotonic() - t
+    os.sync()  # the upload must not pay for writing back the zip we just made
     pid = deployment.pid
     jid = f"up-{size >> 20}m"
     hwm_reset = reset_peak_rss(pid)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from controller.api import admin, pfcon
+from controller.api import admin, legacy, pfcon
 from controller.api.middleware import (
     CONFIG,
     VERIFIER,
@@ -24,6 +24,7 @@ from controller.auth import ClientTokenVerifier
 from controller.config import Config
 from controller.fleet import FLEET, Fleet
 from controller.jobs import JOBS, JobService
+from controller.storage import modes
 from controller.storage.zipmode import remove_stale_staging
 from controller.store import STORE, Store
 
@@ -43,7 +44,10 @@ def create_app(config: Config) -> web.Application:
     app[VERIFIER] = ClientTokenVerifier(config)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_fleet_ctx)
+    if config.dev and config.innetwork and config.storage_env == "swift":
+        app.cleanup_ctx.append(_swift_container_ctx)
     app.add_routes(pfcon.routes)
+    app.add_routes(legacy.routes)
     app.add_routes(admin.routes)
     app.router.add_get("/api/v1/fleet/connect", _fleet_connect)
     return app
@@ -64,6 +68,19 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     yield
     await store.close()
+
+
+async def _swift_container_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Dev mode creates the Swift container, as pfcon does; a Swift that does not
+    answer yet is logged, not fatal (copy jobs then fail with the reason)."""
+    config = app[CONFIG]
+    try:
+        await asyncio.get_running_loop().run_in_executor(
+            None, modes.ensure_swift_container, config)
+    except Exception as exc:  # swiftclient raises several unrelated types
+        log.error("could not create swift container container=%s error=%s",
+                  config.swift_container, exc)
+    yield
 
 
 async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +29,14 @@ VOLUME_TYPES_BY_ENV = {
     "swarm": ("host",),
     "kubernetes": ("kubernetes_pvc",),
 }
+
+# (variable, Config field, dev default): pfcon's names and dev values
+SWIFT_SETTINGS = (
+    ("SWIFT_AUTH_URL", "swift_auth_url", "http://swift_service:8080/auth/v1.0"),
+    ("SWIFT_USERNAME", "swift_username", "chris:chris1234"),
+    ("SWIFT_KEY", "swift_key", "testing"),
+    ("SWIFT_CONTAINER_NAME", "swift_container", "users"),
+)
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
@@ -54,8 +62,11 @@ class Config:
     max_upload_mb: int = 10_240
     agent_lease: float = 600.0
     heartbeat_interval: float = 5.0
+    swift_auth_url: str = ""
+    swift_username: str = ""
+    swift_key: str = ""
+    swift_container: str = ""
     server_version: str = "0.0.0+unknown"
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def agent_secret(self) -> str:
@@ -161,9 +172,15 @@ def load_config(env: Mapping[str, str] | None = None, *, dev: bool = False) -> C
         problems.append(f"STORAGE_ENV: out-of-network mode supports only 'zipfile', got "
                         f"{storage!r} (set PFCON_INNETWORK=true for in-network storage)")
     values["storage_env"] = storage
-    if innetwork and storage in INNETWORK_STORAGES:
-        problems.append(f"PFCON_INNETWORK: in-network storage ({storage}) is not available in "
-                        "this version of pfleet yet; use the zipfile mode")
+    if innetwork and storage == "swift":
+        for name, attr, dev_default in SWIFT_SETTINGS:
+            value = env.get(name, "")
+            if value:
+                values[attr] = value
+            elif is_dev:
+                values[attr] = dev_default
+            else:
+                problems.append(f"{name}: required with STORAGE_ENV=swift outside dev mode")
 
     container_env = env.get("CONTAINER_ENV") or "docker"
     if container_env not in CONTAINER_ENVS:

@@ -102,6 +102,7 @@ class Fleet:
         self._logs: dict[str, _CachedLogs] = {}
         self._logs_refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._changed: dict[str, asyncio.Event] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -257,6 +258,7 @@ class Fleet:
             else:
                 log.info("job state jid=%s name=%s attempt=%s state=%s message=%r agent=%s",
                          job.jid, job.name, job.attempt, job.state, job.message, session.name)
+                self._notify(job.id)
                 if job.state in TERMINAL:
                     self._logs.pop(job.id, None)
                     self.kick()
@@ -285,6 +287,7 @@ class Fleet:
                 await self.store.apply_event(
                     job.id, job.attempt, State.LOST,
                     message=f"workload vanished from agent {session.name}")
+                self._notify(job.id)
                 self.kick()
 
     # -------------------------------------------------------------- dispatch
@@ -358,6 +361,19 @@ class Fleet:
                 multi_worker=bool((hello.get("capabilities") or {}).get("multi_worker")),
                 labels=dict(hello.get("labels") or {})))
         return out
+
+    # ------------------------------------------------------------ watchers
+
+    def _notify(self, job_id: str) -> None:
+        event = self._changed.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    async def wait_for_change(self, job_id: str, at_most: float) -> None:
+        """Return when the job's state changes, or after ``at_most`` seconds."""
+        event = self._changed.setdefault(job_id, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), at_most)
 
     # ------------------------------------------------------- removals, logs
 
@@ -437,6 +453,7 @@ class Fleet:
                         message=f"agent {name} lost: no contact for "
                                 f"{int(self.config.agent_lease)} s"):
                     lost += 1
+                    self._notify(job.id)
                     log.warning("job lost jid=%s name=%s agent=%s", job.jid, job.name, name)
             del self.disconnected_since[name]
         if lost:

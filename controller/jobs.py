@@ -1,5 +1,6 @@
-"""pfcon's job semantics over the store: submit, idempotent re-POST, guards, status,
-removal.  Shared by the v6 resources and (later) the legacy ``/jobs/`` API.
+"""pfcon's job semantics over the store: submit with its validation order, idempotent
+re-POST, ordering guards, status, removal.  Shared by the v6 resources and the
+legacy ``/jobs/`` API, so both behave identically.
 
 Each POST for one workload name is serialised by a lock, so two concurrent
 submits of the same jid cannot both create a job (pfcon races here; we do not).
@@ -13,20 +14,36 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from controller import compute, placement
 from controller.config import Config
-from controller.errors import BadRequest, Conflict, NotFound
+from controller.errors import ApiError, BadRequest, Conflict, NotFound
 from controller.fleet import Fleet, request_of
-from controller.states import RERUN_STATUSES, State, pfcon_status
+from controller.states import RERUN_STATUSES, TERMINAL, State, pfcon_status
+from controller.storage import modes, zipmode
+from controller.storage.paths import StorageError, key_dir
 from controller.store import JobRow, Store
 
 log = logging.getLogger("pfleet.controller.jobs")
 
-GUARD_LABELS = {"copy": "copy", "plugin": "plugin", "upload": "upload"}
+T = TypeVar("T")
+
+BAD_REQUEST_GENERIC = ("The browser (or proxy) sent a request that this server could not "
+                       "understand.")
+ENV_RULE = 'env: must be a list of "key=value" strings'
+NO_COPY = ("No copy job found. A copy job must complete successfully before scheduling a "
+           "plugin job.")
+COPY_NOT_DONE = ("Copy job has not completed successfully (status: {status}). Run the copy "
+                 "job first.")
+NO_PLUGIN = ("No plugin job found. A plugin job must complete before scheduling an upload "
+             "job.")
+PLUGIN_NOT_DONE = ("Plugin job has not completed yet (status: {status}). The plugin job must "
+                   "finish before uploading.")
+SIBLING_ACTIVE = ("The {kind} job is still active (status: {status}). All jobs must finish "
+                  "before scheduling a delete job.")
 
 
 class JobService:
@@ -49,6 +66,15 @@ class JobService:
             if not self._lock_users[name]:
                 del self._lock_users[name], self._locks[name]
 
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        except StorageError as exc:
+            raise ApiError(str(exc), exc.status) from None
+
+    def spool_dir(self) -> Path:
+        return self.config.state_dir / "uploads"
+
     # ------------------------------------------------------------------ views
 
     async def find(self, kind: str, jid: str) -> JobRow | None:
@@ -60,6 +86,9 @@ class JobService:
             raise NotFound(f"No such job: {compute.runtime_name(kind, jid)}")
         return compute.compute_object(job, self.fleet.logs_for(job))
 
+    def current(self, job: JobRow) -> dict[str, Any]:
+        return compute.compute_object(job, self.fleet.logs_for(job))
+
     async def existing(self, kind: str, jid: str) -> tuple[JobRow | None, bool]:
         """The live job of this name and whether a new POST must start a new
         attempt of it (its pfcon status is finishedWithError or undefined)."""
@@ -68,23 +97,172 @@ class JobService:
             return None, False
         return job, pfcon_status(job.state) in RERUN_STATUSES
 
-    async def check_fits(self, req: placement.Request) -> None:
+    async def check_fits(self, spec: dict[str, Any]) -> None:
         """Refuse at submit a job no known agent could ever run."""
+        req = request_of(JobRow(id="", seq=0, name="", jid="", kind="", state=State.QUEUED,
+                                attempt=0, agent=None, spec=spec, image="", cmd=""))
         views = self.fleet.known_views_for_refusal(await self.store.agents())
         reason = placement.never_fits(req, views, self.fleet.selector)
         if reason:
             raise BadRequest(reason)
 
-    async def guard_active_siblings(self, jid: str) -> None:
-        """pfcon's delete guard: no copy, plugin or upload job may still be active."""
+    # ---------------------------------------------------------------- submits
+
+    async def submit_plugin(self, fields: dict[str, Any], upload: Path | None, *,
+                            legacy: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+        """pfcon-api.md §1.5; returns (data, compute) for the 201 answer."""
+        config = self.config
+        storage = config.storage_env
+        input_dirs = fields.get("input_dirs") or []
+        output_dir = fields.get("output_dir")
+        # Validation, first failure wins (pfcon's order).
+        if config.innetwork:
+            if (storage == "filesystem" or legacy) and not input_dirs:
+                raise BadRequest("input_dirs: field is required")
+            if not output_dir:
+                raise BadRequest("output_dir: field is required")
+        elif upload is None:
+            raise BadRequest(BAD_REQUEST_GENERIC)
+        if not fields["entrypoint"]:
+            raise BadRequest("entrypoint: cannot be empty")
+        if any("=" not in e for e in fields["env"]):
+            raise BadRequest(ENV_RULE)
+        jid = fields["jid"]
+        storebase = config.storebase_mount
+        input_dir = output_rel = None
+        if config.innetwork:
+            try:
+                output_rel = modes.checked(storebase, output_dir or "", "output_dir")
+                input_dirs = [modes.checked(storebase, d, "input_dirs") for d in input_dirs]
+            except StorageError as exc:
+                raise BadRequest(str(exc)) from None
+            input_dir = input_dirs[0] if input_dirs else None
+        async with self.locked(jid):
+            existing, rerun = await self.existing("plugin", jid)
+            if existing is not None and not rerun:
+                return {}, self.current(existing)
+            if not legacy and storage in ("fslink", "swift") and config.innetwork:
+                await self._guard_copy(jid)
+            command = compute.plugin_command(fields["entrypoint"], fields["args"],
+                                             fields["args_path_flags"], fields["type"])
+            mounts = (modes.plugin_mounts(storage, jid, input_dir, output_rel)
+                      if config.innetwork else zipmode.plugin_mounts(jid))
+            spec = {"image": fields["image"], "command": command, "env": fields["env"],
+                    "cpu_limit": fields["cpu_limit"], "memory_limit": fields["memory_limit"],
+                    "gpu_limit": fields["gpu_limit"],
+                    "number_of_workers": fields["number_of_workers"],
+                    "mounts": [m.__dict__ for m in mounts]}
+            await self.check_fits(spec)
+            data = await self._plugin_data(jid, upload, input_dir)
+            job = await self.create(kind="plugin", jid=jid, spec=spec, image=fields["image"],
+                                    cmd=compute.command_string(command), rerun=existing)
+            return data, compute.compute_object(job, "")
+
+    async def _plugin_data(self, jid: str, upload: Path | None,
+                           input_dir: str | None) -> dict[str, Any]:
+        config = self.config
+        storebase = config.storebase_mount
+        if not config.innetwork:
+            assert upload is not None
+            return await self.run_blocking(
+                lambda: zipmode.stage_zip_inputs(storebase, jid, upload,
+                                                 max_files=config.max_files,
+                                                 max_bytes=config.max_upload_mb << 20))
+        if config.storage_env == "filesystem":
+            rel = input_dir or ""
+            nfiles = await self.run_blocking(modes.count_input_files, storebase, rel)
+            return modes.data_object(jid, nfiles, storebase / rel)
+        if config.storage_env == "swift":
+            await self.run_blocking(modes.prepare_swift_outputs, storebase, jid)
+        return {}
+
+    async def _guard_copy(self, jid: str) -> None:
+        copy = await self.find("copy", jid)
+        if copy is None:
+            raise Conflict(NO_COPY)
+        status = pfcon_status(copy.state)
+        if status != "finishedSuccessfully":
+            raise Conflict(COPY_NOT_DONE.format(status=status))
+
+    async def submit_copy(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """pfcon-api.md §1.6 (for in-network fslink and swift)."""
+        config = self.config
+        jid = fields["jid"]
+        try:
+            output_dir = modes.checked(config.storebase_mount, fields["output_dir"], "output_dir")
+            input_dirs = [modes.checked(config.storebase_mount, d, "input_dirs")
+                          for d in fields["input_dirs"]]
+        except StorageError as exc:
+            raise BadRequest(str(exc)) from None
+        name = compute.runtime_name("copy", jid)
+        async with self.locked(name):
+            existing, rerun = await self.existing("copy", jid)
+            if existing is not None and not rerun:
+                return self.current(existing)
+            op = modes.copy_op(config, jid, input_dirs, output_dir)
+            spec = self._op_spec(op, ["copy", *input_dirs], fields)
+            await self.check_fits(spec)
+            await self.run_blocking(
+                modes.write_params, config.storebase_mount, jid, "job_params.json",
+                {"jid": jid, "storage_env": config.storage_env, "input_dirs": input_dirs,
+                 "output_dir": output_dir}, True)
+            job = await self.create(kind="copy", jid=jid, spec=spec, image="",
+                                    cmd=compute.command_string(spec["command"]), rerun=existing)
+            return compute.compute_object(job, "")
+
+    async def submit_upload(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """pfcon-api.md §1.7 (for in-network swift)."""
+        config = self.config
+        jid = fields["jid"]
+        job_output_path = fields["job_output_path"].lstrip("/")
+        plugin = await self.find("plugin", jid)
+        if plugin is None:
+            raise Conflict(NO_PLUGIN)
+        status = pfcon_status(plugin.state)
+        if status not in ("finishedSuccessfully", "finishedWithError"):
+            raise Conflict(PLUGIN_NOT_DONE.format(status=status))
+        name = compute.runtime_name("upload", jid)
+        async with self.locked(name):
+            existing, rerun = await self.existing("upload", jid)
+            if existing is not None and not rerun:
+                return self.current(existing)
+            op = modes.upload_op(config, jid, job_output_path)
+            spec = self._op_spec(op, ["upload", job_output_path], fields)
+            await self.check_fits(spec)
+            await self.run_blocking(
+                modes.write_params, config.storebase_mount, jid, "upload_params.json",
+                {"jid": jid, "job_output_path": job_output_path,
+                 "storage_env": config.storage_env}, False)
+            job = await self.create(kind="upload", jid=jid, spec=spec, image="",
+                                    cmd=compute.command_string(spec["command"]), rerun=existing)
+            return compute.compute_object(job, "")
+
+    async def submit_delete(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """pfcon-api.md §1.8: remove ``key-<jid>`` once every sibling job ended."""
+        jid = fields["jid"]
+        key = key_dir(self.config.storebase_mount, jid)
+        if not await self.run_blocking(key.is_dir):
+            return compute.skipped_object(jid, "deleteSkipped")
         for kind in ("copy", "plugin", "upload"):
             job = await self.find(kind, jid)
-            if job is None:
-                continue
-            status = pfcon_status(job.state)
+            status = pfcon_status(job.state) if job is not None else ""
             if status in ("started", "notStarted"):
-                raise Conflict(f"The {GUARD_LABELS[kind]} job is still active (status: "
-                               f"{status}). All jobs must finish before scheduling a delete job.")
+                raise Conflict(SIBLING_ACTIVE.format(kind=kind, status=status))
+        async with self.locked(compute.runtime_name("delete", jid)):
+            existing, rerun = await self.existing("delete", jid)
+            if existing is not None and not rerun:
+                return self.current(existing)
+            spec = self._op_spec(modes.delete_op(jid), ["delete", key.name], fields)
+            await self.check_fits(spec)
+            job = await self.create(kind="delete", jid=jid, spec=spec, image="",
+                                    cmd=compute.command_string(spec["command"]), rerun=existing)
+            return compute.compute_object(job, "")
+
+    @staticmethod
+    def _op_spec(op: dict[str, Any], command: list[str], fields: dict[str, Any]) -> dict[str, Any]:
+        return {"image": "", "command": command, "env": [], "cpu_limit": fields["cpu_limit"],
+                "memory_limit": fields["memory_limit"], "gpu_limit": 0,
+                "number_of_workers": 1, "mounts": [], "op": op}
 
     # ---------------------------------------------------------------- writes
 
@@ -105,32 +283,33 @@ class JobService:
         self.fleet.kick()
         return job
 
-    async def remove(self, kind: str, jid: str) -> None:
+    async def remove(self, kind: str, jid: str) -> bool:
         """A client's DELETE: hide the job and remove its workload (kills it if it
-        still runs).  Missing jobs are fine; REMOVE_JOBS=false keeps everything."""
-        if not self.config.remove_jobs:
-            return
+        still runs).  Returns whether a job existed; REMOVE_JOBS=false keeps all."""
         name = compute.runtime_name(kind, jid)
         async with self.locked(name):
             job = await self.store.get_live(name)
             if job is None:
-                return
+                return False
+            if not self.config.remove_jobs:
+                return True
             removed = await self.store.mark_removed(job.id)
             if removed is not None:
                 await self.fleet.remove_workload(removed)
                 self.fleet.kick()
             log.info("job removed jid=%s name=%s", jid, name)
+            return True
 
-    async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-    def spool_dir(self) -> Path:
-        return self.config.state_dir / "uploads"
-
-    @staticmethod
-    def fits_request(spec: dict[str, Any]) -> placement.Request:
-        return request_of(JobRow(id="", seq=0, name="", jid="", kind="", state=State.QUEUED,
-                                 attempt=0, agent=None, spec=spec, image="", cmd=""))
+    async def wait_final(self, kind: str, jid: str) -> JobRow:
+        """Wait until the job of this name reaches a final state (the legacy API's
+        synchronous steps); callers bound it with ``asyncio.timeout``."""
+        while True:
+            job = await self.find(kind, jid)
+            if job is None:
+                raise NotFound(f"No such job: {compute.runtime_name(kind, jid)}")
+            if job.state in TERMINAL:
+                return job
+            await self.fleet.wait_for_change(job.id, 1.0)
 
 
 JOBS = web.AppKey("pfleet.jobs", JobService)

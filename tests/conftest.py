@@ -36,7 +36,7 @@ _ENV_PREFIXES = ("PFLEET_", "PFCON_", "STORAGE_ENV", "STOREBASE", "SECRET_KEY", 
 
 # Every event loop of the suite runs in debug mode, and a callback that holds the loop
 # longer than this fails the test that ran it (DESIGN §10: the loop never blocks).
-SLOW_CALLBACK_SECONDS = 0.25
+SLOW_CALLBACK_SECONDS = 0.5  # generous: a loaded 2-core CI machine must not flake
 
 
 def _debug_loop() -> asyncio.AbstractEventLoop:

@@ -28,10 +28,11 @@ def test_no_agent_module_loads_the_controller() -> None:
     assert result.stdout.strip() == ""
 
 
-def test_controller_imports_only_the_protocol_from_agent_outside_local_agent() -> None:
+def test_controller_imports_only_the_protocol_and_chrislinks_from_agent() -> None:
+    # outside controller.local_agent, which embeds a whole agent
     code = ("import sys, controller.app, controller.cli\n"
             "print(','.join(sorted(m for m in sys.modules if m.startswith('agent'))))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "agent,agent.protocol"
+    assert result.stdout.strip() == "agent,agent.chrislinks,agent.protocol"

@@ -15,9 +15,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from agent.chrislinks import LinkError, count_files, expand_links
 from agent.protocol import Mount
-from controller.storage.chrislinks import count_files, expand_links
-from controller.storage.paths import key_dir
+from controller.storage.paths import StorageError, key_dir
 from controller.storage.unzip import unpack_zip
 
 log = logging.getLogger("pfleet.controller.storage")
@@ -39,7 +39,10 @@ def stage_zip_inputs(storebase: Path, jid: str, upload: Path, *, max_files: int,
     staging.mkdir()
     try:
         unpack_zip(upload, staging, max_files=max_files, max_bytes=max_bytes)
-        expand_links(staging, max_entries=max_files)
+        try:
+            expand_links(staging, max_entries=max_files)
+        except LinkError as exc:
+            raise StorageError(str(exc), field="data_file", status=exc.status) from None
         nfiles = count_files(staging)
         incoming = key / "incoming"
         if incoming.is_dir() and not incoming.is_symlink():

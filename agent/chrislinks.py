@@ -6,20 +6,23 @@ the same tree. The plugin must instead see the linked data next to the link, in 
 directory named after the target with ``/`` replaced by ``_`` (pfcon-api.md §3.6).
 Link files are client input: targets are confined to ``incoming/``, symlinks are
 never followed, loops terminate, and the total work is capped.
+
+Used by the controller's zipfile staging and by the agent's copy operation, so it
+lives in the agent package and needs nothing but the standard library.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import posixpath
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
-from controller.storage.outputs import iter_output_files
-from controller.storage.paths import StorageError, safe_join
-
-__all__ = ["DEFAULT_MAX_ENTRIES", "MAX_LINK_DEPTH", "count_files", "expand_links"]
+__all__ = ["DEFAULT_MAX_ENTRIES", "LINK_SUFFIX", "MAX_LINK_DEPTH", "LinkError", "count_files",
+           "expand_links", "link_target_parts"]
 
 LINK_SUFFIX = ".chrislink"
 FIELD = "data_file"
@@ -30,12 +33,46 @@ DEFAULT_MAX_ENTRIES = 1_000_000
 Parts = tuple[str, ...]
 
 
+class LinkError(ValueError):
+    """A ChRIS link that cannot be expanded.
+
+    The message is safe to show to a client (it names paths relative to
+    ``incoming`` only); ``status`` is the HTTP status an API answers with: 400 for
+    a bad link, 413 when the expansion would create too many files.
+    """
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
 def count_files(root: Path) -> int:
     """Count regular files under root, excluding ``*.chrislink`` (pfcon's ``nfiles``)."""
-    return sum(1 for _ in iter_output_files(root))
+    return sum(1 for _ in _iter_files(root, skip_links=True))
 
 
-def expand_links(incoming: Path, *, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+def link_target_parts(text: str) -> Parts:
+    """The components of a link target (a storage path relative to the storage root).
+
+    Returns ``()`` for a target that is absolute (POSIX, ``\\``-rooted or with a
+    drive letter), contains ``..`` or a NUL byte, or names the root itself. The
+    check is lexical: it never looks at the disk.
+    """
+    if "\x00" in text or text.startswith(("/", "\\")):
+        return ()
+    if len(text) >= 2 and text[1] == ":" and text[0].isalpha():
+        return ()
+    if ".." in text.split("/"):
+        return ()
+    norm = posixpath.normpath(text)
+    if norm in (".", "") or norm.startswith("/"):
+        return ()
+    return tuple(norm.split("/"))
+
+
+def expand_links(incoming: Path, *, max_entries: int = DEFAULT_MAX_ENTRIES,
+                 field: str = FIELD) -> None:
     """Expand every ChRIS link under ``incoming`` in place (pfcon's expansion phase).
 
     Each link not inside an already-expanded source gets a copy (hard links when
@@ -44,18 +81,20 @@ def expand_links(incoming: Path, *, max_entries: int = DEFAULT_MAX_ENTRIES) -> N
     and the link file is removed. Then every top-level folder that is the first
     component of an expanded target is removed, unless it is a target itself. A
     link to a missing target, or that would re-enter a target it came through, is
-    just removed. Raises :class:`StorageError` (400) for a target that is absolute,
+    just removed. Raises :class:`LinkError` (400) for a target that is absolute,
     contains ``..`` or is unreadable, for links nested over :data:`MAX_LINK_DEPTH`
     deep, and 413 when copies would create more than ``max_entries`` files and dirs.
+    Error messages start with ``"<field>: "`` (nothing when ``field`` is empty).
     May leave partial content on error: the caller removes ``incoming``.
     """
-    _Expansion(incoming, max_entries).run()
+    _Expansion(incoming, max_entries, field).run()
 
 
 class _Expansion:
-    def __init__(self, incoming: Path, max_entries: int) -> None:
+    def __init__(self, incoming: Path, max_entries: int, field: str) -> None:
         self.root = incoming
         self.max_entries = max_entries
+        self.prefix = f"{field}: " if field else ""
         self.created = 0
         self.sources: set[Parts] = set()
 
@@ -68,7 +107,7 @@ class _Expansion:
                 shutil.rmtree(path)
         # links skipped inside a source that is kept (its top folder is itself a
         # target) would otherwise reach the plugin; no link ever survives expansion
-        for rel, path in iter_output_files(self.root, skip_chrislinks=False):
+        for rel, path in _iter_files(self.root, skip_links=False):
             if rel.endswith(LINK_SUFFIX):
                 path.unlink()
 
@@ -106,8 +145,8 @@ class _Expansion:
     def _read_target(self, link: Path) -> Parts:
         name = self._rel(link)
 
-        def bad(why: str) -> StorageError:
-            return StorageError(f"{FIELD}: ChRIS link {name!r} {why}", field=FIELD)
+        def bad(why: str) -> LinkError:
+            return LinkError(f"{self.prefix}ChRIS link {name!r} {why}")
 
         fd = os.open(link, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         with os.fdopen(fd, "rb") as fh:
@@ -120,10 +159,7 @@ class _Expansion:
             raise bad("is not UTF-8 text") from None
         if not text:
             raise bad("is empty")
-        try:
-            parts = safe_join(self.root, text).relative_to(self.root).parts
-        except StorageError:
-            parts = ()
+        parts = link_target_parts(text)
         if not parts:
             raise bad(f"has a target outside the job's input: {text[:200]!r}")
         return parts
@@ -157,10 +193,7 @@ class _Expansion:
         if key in chain:
             return  # loop: this copy already came through the same target
         if len(chain) >= MAX_LINK_DEPTH:
-            raise StorageError(
-                f"{FIELD}: ChRIS links nested more than {MAX_LINK_DEPTH} levels deep",
-                field=FIELD,
-            )
+            raise LinkError(f"{self.prefix}ChRIS links nested more than {MAX_LINK_DEPTH} levels deep")
         dst = link.parent / key.replace("/", "_")
         try:
             if not os.path.lexists(dst):
@@ -169,9 +202,8 @@ class _Expansion:
                 return
         except OSError as exc:
             if exc.errno in (errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL):
-                raise StorageError(
-                    f"{FIELD}: ChRIS link {self._rel(link)!r} cannot be expanded here",
-                    field=FIELD,
+                raise LinkError(
+                    f"{self.prefix}ChRIS link {self._rel(link)!r} cannot be expanded here"
                 ) from None
             raise
         self._walk(dst, (*chain, key), top_level=False)
@@ -179,9 +211,8 @@ class _Expansion:
     def _count(self) -> None:
         self.created += 1
         if self.created > self.max_entries:
-            raise StorageError(
-                f"{FIELD}: ChRIS links expand to more than {self.max_entries} files",
-                field=FIELD,
+            raise LinkError(
+                f"{self.prefix}ChRIS links expand to more than {self.max_entries} files",
                 status=413,
             )
 
@@ -209,6 +240,35 @@ class _Expansion:
                 elif entry.is_file(follow_symlinks=False):
                     self._count()
                     _link_or_copy(sp, dp)
+
+
+def _iter_files(root: Path, *, skip_links: bool) -> Iterator[tuple[str, Path]]:
+    """Yield ``(relative posix path, path)`` of the regular files under root.
+
+    Symlinks are neither yielded nor descended into; unreadable directories are
+    skipped, and a missing root yields nothing.
+    """
+    stack: list[tuple[str, str]] = [(os.fspath(root), "")]
+    while stack:
+        path, rel = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        subdirs: list[tuple[str, str]] = []
+        for entry in entries:
+            entry_rel = f"{rel}{entry.name}"
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+                is_file = entry.is_file(follow_symlinks=False)
+            except OSError:
+                continue
+            if is_dir:
+                subdirs.append((entry.path, entry_rel + "/"))
+            elif is_file and not (skip_links and entry.name.endswith(LINK_SUFFIX)):
+                yield entry_rel, Path(entry.path)
+        stack.extend(reversed(subdirs))
 
 
 def _is_real_dir(path: Path) -> bool:

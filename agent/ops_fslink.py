@@ -1,0 +1,337 @@
+"""The fetch phase of an ``fslink`` copy job (pfcon-api.md §3.4, §3.6).
+
+The storeBase *is* CUBE's storage root.  For each input dir this collects every
+regular file under ``storeBase/<input dir>`` (a real directory walk, as pfcon's
+fslink copy does, so ``a/b`` never matches ``a/bc``; a missing input dir
+contributes nothing), follows ChRIS link files (``*.chrislink``, content = a
+storage path) into their targets, and writes each file into ``incoming/`` at its
+storage path with the input dir removed once; files reached through a link that
+lies outside the input dir therefore land at their full storage path.  Link files
+are copied as they are: the expansion phase (``agent.chrislinks``) turns them into
+directories afterwards.
+
+Safety (link files and the tree are client data):
+
+* a link whose target is absolute, contains ``..``, or names the job's output dir
+  or one of its ancestors fails the copy with a message naming the link;
+* symbolic links are never followed.  One that points outside the storage root
+  fails the copy (a tree that tries to leave the storage is refused loudly rather
+  than copied partially without a word); one that stays inside is skipped and
+  counted in the log, since following it could copy data outside the input dir
+  the client asked for;
+* the job's own key dir is never read, so an input dir of ``/`` cannot copy the
+  copy into itself;
+* a visited set of targets stops link loops.
+
+Files are copied in parallel by a small thread pool with the kernel's in-kernel
+copy (``copy_file_range``, then ``sendfile``), each into a temporary name that is
+renamed into place when complete.  Modes are 0644 for files and 0755 for dirs.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import os
+import stat
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.chrislinks import LINK_SUFFIX, link_target_parts
+
+__all__ = ["DEFAULT_WORKERS", "CopyError", "CopyStats", "fetch_inputs"]
+
+DEFAULT_WORKERS = 8
+MAX_IN_FLIGHT = 256
+MAX_LINK_SIZE = 4096
+_CHUNK = 1 << 30
+_OPEN_SRC = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_TMP = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+Parts = tuple[str, ...]
+
+
+class CopyError(Exception):
+    """The copy was refused or failed; the message names storage paths only."""
+
+
+@dataclass
+class CopyStats:
+    files: int = 0  # regular files copied, link files excluded (pfcon's nfiles)
+    bytes: int = 0
+    links: int = 0  # ChRIS link files met (and copied)
+    skipped: int = 0  # symlinks inside the storage and special files, not copied
+
+
+def fetch_inputs(storebase: Path, input_dirs: list[Parts], output_dir: Parts, incoming: Path,
+                 *, exclude: Parts = (), workers: int = DEFAULT_WORKERS) -> CopyStats:
+    """Copy the files of ``input_dirs`` (and what their links reach) into ``incoming``.
+
+    ``input_dirs``, ``output_dir`` and ``exclude`` are storage paths already split
+    into checked components (no ``..``, not absolute).  ``incoming`` must exist and
+    be empty.  Raises :class:`CopyError`.  Blocking.
+    """
+    fetch = _Fetch(storebase, output_dir, incoming, exclude)
+    with ThreadPoolExecutor(max_workers=max(1, workers),
+                            thread_name_prefix="pfleet-copy") as pool:
+        fetch.pool = pool
+        try:
+            for prefix in input_dirs:
+                fetch.collect(prefix)
+        finally:
+            fetch.drain()
+    fetch.raise_failure()
+    return fetch.stats
+
+
+def _show(parts: Parts) -> str:
+    return "/".join(parts)
+
+
+class _Fetch:
+    def __init__(self, storebase: Path, output_dir: Parts, incoming: Path,
+                 exclude: Parts) -> None:
+        self.root = os.path.realpath(storebase)
+        self.output_dir = output_dir
+        self.incoming = os.fspath(incoming)
+        self.exclude = exclude
+        self.stats = CopyStats()
+        self.pool: ThreadPoolExecutor | None = None
+        self._dirs: set[Parts] = {()}
+        self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        self._lock = threading.Lock()
+        self._failures: list[str] = []
+        self._pending: set[Future[int]] = set()
+        self._tmp_names = itertools.count()
+        self._tag = f"{os.getpid()}"
+
+    # ----------------------------------------------------------- collecting
+
+    def collect(self, prefix: Parts) -> None:
+        """One input dir: walk it, then every link target reached from it (BFS)."""
+        visited: list[Parts] = []
+        queue: collections.deque[tuple[Parts, Parts | None]] = collections.deque(
+            [(prefix, None)])
+        while queue:
+            target, via = queue.popleft()
+            if any(target[:len(v)] == v for v in visited):
+                continue  # already collected (a loop, or inside a walked tree)
+            visited.append(target)
+            self._collect_target(target, prefix, via, queue)
+
+    def _collect_target(self, target: Parts, prefix: Parts, via: Parts | None,
+                        queue: collections.deque[tuple[Parts, Parts | None]]) -> None:
+        if self.exclude and target[:len(self.exclude)] == self.exclude:
+            return
+        kind = self._lookup(target)
+        if kind == "file" and via is not None:
+            self._take(target, prefix, queue)  # a link to one file brings that file
+        if kind != "dir":
+            return
+        stack = [target]
+        while stack:
+            current = stack.pop()
+            if self.exclude and current == self.exclude:
+                continue
+            try:
+                with os.scandir(os.path.join(self.root, *current)) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                raise CopyError(f"cannot read input directory {_show(current)!r}: "
+                                f"{exc.strerror or exc}") from None
+            subdirs: list[Parts] = []
+            for entry in entries:
+                rel = (*current, entry.name)
+                try:
+                    if entry.is_symlink():
+                        self._symlink(rel)
+                    elif entry.is_dir(follow_symlinks=False):
+                        subdirs.append(rel)
+                    elif entry.is_file(follow_symlinks=False):
+                        self._take(rel, prefix, queue)
+                    else:
+                        self.stats.skipped += 1  # fifo, socket, device
+                except FileNotFoundError:
+                    continue  # vanished while we looked
+            stack.extend(reversed(subdirs))
+
+    def _lookup(self, parts: Parts) -> str | None:
+        """"dir", "file" or None (missing, or behind a symlink that stays inside)."""
+        path = self.root
+        for i, part in enumerate(parts):
+            path = os.path.join(path, part)
+            try:
+                mode = os.lstat(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            except OSError as exc:
+                raise CopyError(f"cannot read {_show(parts[:i + 1])!r}: "
+                                f"{exc.strerror or exc}") from None
+            if stat.S_ISLNK(mode):
+                self._symlink(parts[:i + 1])
+                return None
+            if stat.S_ISDIR(mode):
+                continue
+            if stat.S_ISREG(mode) and i == len(parts) - 1:
+                return "file"
+            return None
+        return "dir"
+
+    def _symlink(self, rel: Parts) -> None:
+        """A symlink is never followed: refuse one that leaves the storage, skip the rest."""
+        resolved = os.path.realpath(os.path.join(self.root, *rel))
+        if resolved != self.root and not resolved.startswith(self.root.rstrip("/") + "/"):
+            raise CopyError(f"symbolic link {_show(rel)!r} points outside the storage root")
+        self.stats.skipped += 1
+
+    def _take(self, rel: Parts, prefix: Parts,
+              queue: collections.deque[tuple[Parts, Parts | None]]) -> None:
+        dest = rel[len(prefix):] if prefix and rel[:len(prefix)] == prefix else rel
+        if not dest:
+            return
+        if rel[-1].endswith(LINK_SUFFIX):
+            target = self._read_link(rel)
+            if self.output_dir[:len(target)] == target:
+                raise CopyError(
+                    f"ChRIS link {_show(rel)!r} points to {_show(target)!r}, which is the "
+                    f"job's output dir or one of its ancestors ({_show(self.output_dir)!r})")
+            self.stats.links += 1
+            queue.append((target, rel))
+        self._submit(rel, dest)
+
+    def _read_link(self, rel: Parts) -> Parts:
+        try:
+            fd = os.open(os.path.join(self.root, *rel), _OPEN_SRC)
+        except OSError as exc:
+            raise CopyError(f"cannot read ChRIS link {_show(rel)!r}: "
+                            f"{exc.strerror or exc}") from None
+        with os.fdopen(fd, "rb") as fh:
+            raw = fh.read(MAX_LINK_SIZE + 1)
+        if len(raw) > MAX_LINK_SIZE:
+            raise CopyError(f"ChRIS link {_show(rel)!r} is larger than {MAX_LINK_SIZE} bytes")
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise CopyError(f"ChRIS link {_show(rel)!r} is not UTF-8 text") from None
+        if not text:
+            raise CopyError(f"ChRIS link {_show(rel)!r} is empty")
+        target = link_target_parts(text)
+        if not target:
+            raise CopyError(f"ChRIS link {_show(rel)!r} has a target outside the storage "
+                            f"root: {text[:200]!r}")
+        return target
+
+    # -------------------------------------------------------------- copying
+
+    def _submit(self, rel: Parts, dest: Parts) -> None:
+        self.raise_failure()
+        self._ensure_dir(dest[:-1])
+        assert self.pool is not None
+        src = os.path.join(self.root, *rel)
+        dst_dir = os.path.join(self.incoming, *dest[:-1])
+        self._slots.acquire()
+        future = self.pool.submit(self._copy, src, dst_dir, dest[-1])
+        is_link = rel[-1].endswith(LINK_SUFFIX)
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(lambda f: self._done(f, rel, is_link))
+
+    def _done(self, future: Future[int], rel: Parts, is_link: bool) -> None:
+        self._slots.release()
+        with self._lock:
+            self._pending.discard(future)
+            exc = future.exception()
+            if exc is not None:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                self._failures.append(f"cannot copy {_show(rel)!r}: {reason}")
+                return
+            size = future.result()
+            if size >= 0 and not is_link:
+                self.stats.files += 1
+                self.stats.bytes += size
+
+    def drain(self) -> None:
+        with self._lock:
+            pending = list(self._pending)
+        for future in pending:
+            future.exception()  # waits; failures are collected by _done
+
+    def raise_failure(self) -> None:
+        with self._lock:
+            if self._failures:
+                raise CopyError(self._failures[0])
+
+    def _ensure_dir(self, parts: Parts) -> None:
+        for i in range(1, len(parts) + 1):
+            sub = parts[:i]
+            if sub in self._dirs:
+                continue
+            path = os.path.join(self.incoming, *sub)
+            try:
+                os.mkdir(path, 0o755)
+                os.chmod(path, 0o755)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    raise CopyError(f"input paths conflict at {_show(sub)!r}: both a file "
+                                    "and a directory") from None
+            self._dirs.add(sub)
+
+    def _copy(self, src: str, dst_dir: str, name: str) -> int:
+        """Copy one file (temp name, then rename); return its size, -1 if it vanished."""
+        try:
+            sfd = os.open(src, _OPEN_SRC)
+        except FileNotFoundError:
+            return -1
+        try:
+            st = os.fstat(sfd)
+            if not stat.S_ISREG(st.st_mode):
+                return -1
+            tmp = os.path.join(dst_dir, f".pfleet-{self._tag}-{next(self._tmp_names)}.part")
+            dfd = os.open(tmp, _OPEN_TMP, 0o644)
+            try:
+                try:
+                    size = _copy_fd(sfd, dfd)
+                    os.fchmod(dfd, 0o644)
+                finally:
+                    os.close(dfd)
+                os.rename(tmp, os.path.join(dst_dir, name))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            return size
+        finally:
+            os.close(sfd)
+
+
+def _copy_fd(src: int, dst: int) -> int:
+    """Copy everything from src to dst in the kernel when it can; return the bytes copied."""
+    total = 0
+    try:
+        while True:
+            n = os.copy_file_range(src, dst, _CHUNK)
+            if n == 0:
+                return total
+            total += n
+    except OSError:
+        if total:
+            raise
+    try:
+        while True:
+            n = os.sendfile(dst, src, None, _CHUNK)
+            if n == 0:
+                return total
+            total += n
+    except OSError:
+        if total:
+            raise
+    while True:
+        chunk = memoryview(os.read(src, 1 << 20))
+        if not chunk:
+            return total
+        total += len(chunk)
+        while chunk:
+            chunk = chunk[os.write(dst, chunk):]

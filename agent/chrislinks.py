@@ -193,7 +193,8 @@ class _Expansion:
         if key in chain:
             return  # loop: this copy already came through the same target
         if len(chain) >= MAX_LINK_DEPTH:
-            raise LinkError(f"{self.prefix}ChRIS links nested more than {MAX_LINK_DEPTH} levels deep")
+            raise LinkError(
+                f"{self.prefix}ChRIS links nested more than {MAX_LINK_DEPTH} levels deep")
         dst = link.parent / key.replace("/", "_")
         try:
             if not os.path.lexists(dst):

@@ -8,8 +8,11 @@ attempt it took on, finds its workloads again (``Runtime.list_ours``), starts th
 ones that never got going (starts are idempotent per attempt) and reports the ones
 that ended while it was down.
 
-Built-in operations (copy/upload/delete) run in the agent's thread pool instead of
-a runtime; they are idempotent and are simply run again after a restart.
+Built-in operations (copy/upload/delete) run as child processes of the agent with
+the job's limits (``agent.op_runner``) instead of in a runtime.  The worker's pid
+and start time are persisted with the attempt before it is waited for, so after a
+restart the agent reports the result the worker left, waits for a worker that is
+still running, or runs the (idempotent) operation again.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import protocol as p
-from agent.ops import OpError, run_op
+from agent.op_runner import ChildRef, OpRunner
 from agent.outbox import Outbox
 from agent.runtimes.base import Handle, JobRejected, JobStatus, Runtime, RuntimeUnavailable
 
@@ -46,19 +49,22 @@ class Tracked:
     handle: Handle | None = None
     running_reported: bool = False
     started_at: str = ""
+    op_child: ChildRef | None = None  # the worker process of a built-in operation
 
     def to_json(self) -> str:
         return json.dumps({"spec": p.encode_dict(p.Run(spec=self.spec))["spec"],
                            "handle": self.handle.to_dict() if self.handle else None,
                            "running_reported": self.running_reported,
-                           "started_at": self.started_at})
+                           "started_at": self.started_at,
+                           "op_child": self.op_child.to_dict() if self.op_child else None})
 
     @classmethod
     def from_json(cls, text: str) -> Tracked:
         data = json.loads(text)
         handle = Handle.from_dict(data["handle"]) if data.get("handle") else None
         return cls(p.JobSpec.from_dict(data["spec"]), handle,
-                   bool(data.get("running_reported")), str(data.get("started_at", "")))
+                   bool(data.get("running_reported")), str(data.get("started_at", "")),
+                   ChildRef.from_dict(data.get("op_child")))
 
 
 class Supervisor:
@@ -72,6 +78,7 @@ class Supervisor:
         self.storebase_mount = storebase_mount
         self.poll_interval = poll_interval
         self.remove_jobs = remove_jobs
+        self.op_runner = OpRunner(state_dir / "ops", storebase_mount)
         self.active: dict[str, Tracked] = {}
         self.on_event: Callable[[], None] = lambda: None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -92,6 +99,7 @@ class Supervisor:
             self.active[tracked.spec.job] = tracked
         for tmp in self.jobs_dir.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
+        self.op_runner.prune(t.spec for t in self.active.values() if t.spec.op is not None)
         if not self.active:
             return
         try:
@@ -173,7 +181,9 @@ class Supervisor:
 
     async def cancel(self, job: str, attempt: int) -> None:
         tracked = self.active.get(job)
-        if tracked is not None and tracked.spec.attempt == attempt and tracked.handle:
+        if tracked is not None and tracked.spec.attempt == attempt and tracked.spec.op:
+            self.op_runner.kill(tracked.spec, tracked.op_child)  # reported as exited 137
+        elif tracked is not None and tracked.spec.attempt == attempt and tracked.handle:
             await self.runtime.cancel(tracked.handle)
             self._wake.set()
 
@@ -233,25 +243,52 @@ class Supervisor:
             return
 
     async def _run_op(self, tracked: Tracked) -> None:
+        """Run a built-in operation in its worker process, or resume it after a restart
+        (``tracked.op_child``), and report it like a container: running, then exited."""
         spec = tracked.spec
         assert spec.op is not None
+        if self.active.get(spec.job) is not tracked:
+            self.op_runner.forget(spec)
+            return  # removed before it got going
         tracked.handle = Handle(BUILTIN, spec.name, spec.job, spec.attempt, spec.name, spec.kind)
-        started = now_rfc3339()
-        self._report(p.Event(seq=0, job=spec.job, attempt=spec.attempt, state="running",
-                             started_at=started))
-        tracked.running_reported = True
-        self._persist(tracked)
-        loop = asyncio.get_running_loop()
+        if not tracked.running_reported:
+            tracked.started_at = now_rfc3339()
+            self._report(p.Event(seq=0, job=spec.job, attempt=spec.attempt, state="running",
+                                 started_at=tracked.started_at))
+            tracked.running_reported = True
+            self._persist(tracked)
+
+        def started(child: ChildRef) -> None:
+            tracked.op_child = child
+            if self.active.get(spec.job) is tracked:
+                self._persist(tracked)  # before waiting: a restart must find the worker
+            else:
+                self.op_runner.kill(spec, child)
+
         try:
-            text = await loop.run_in_executor(None, run_op, spec.op, self.storebase_mount)
-            code, logs = 0, text
-        except (OpError, OSError) as exc:
-            code, logs = 1, f"{exc}\n"
-            log.warning("operation failed jid=%s name=%s error=%s", spec.jid, spec.name, exc)
+            result = await self.op_runner.run(spec, child=tracked.op_child, on_started=started)
+        except OSError as exc:
+            log.error("operation could not start jid=%s name=%s error=%s", spec.jid, spec.name,
+                      exc)
+            if self.active.get(spec.job) is tracked:
+                await self._finish(tracked, p.Event(
+                    seq=0, job=spec.job, attempt=spec.attempt, state="failed",
+                    message=f"could not start the operation: {exc.strerror or exc}",
+                    finished_at=now_rfc3339()))
+            self.op_runner.forget(spec)
+            return
+        if self.active.get(spec.job) is not tracked:  # removed while it ran
+            self.op_runner.forget(spec)
+            return
+        if result.exit_code:
+            log.warning("operation failed jid=%s name=%s exit_code=%s message=%s", spec.jid,
+                        spec.name, result.exit_code, result.message)
         await self._finish(tracked, p.Event(
-            seq=0, job=spec.job, attempt=spec.attempt, state="exited", exit_code=code,
-            started_at=started, finished_at=now_rfc3339(), logs=logs,
-            message="" if code == 0 else logs.strip()))
+            seq=0, job=spec.job, attempt=spec.attempt, state="exited",
+            exit_code=result.exit_code, oom=result.oom,
+            started_at=tracked.started_at or now_rfc3339(), finished_at=now_rfc3339(),
+            logs=result.log, message=result.message))
+        self.op_runner.forget(spec)
 
     async def check(self, only: list[Tracked] | None = None) -> None:
         """Ask the runtime about tracked workloads and report every change."""
@@ -316,6 +353,8 @@ class Supervisor:
             del self.active[tracked.spec.job]
         self._record_path(tracked.spec.job).unlink(missing_ok=True)
         handle = tracked.handle
+        if tracked.spec.op is not None:
+            self.op_runner.kill(tracked.spec, tracked.op_child)  # its task then forgets it
         if remove_workload and handle is not None and handle.runtime != BUILTIN:
             try:
                 await self.runtime.remove(handle, force=True)

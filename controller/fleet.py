@@ -243,6 +243,9 @@ class Fleet:
                 state, values["message"] = State.COMPLETE, "exited"
             else:
                 state, values["message"] = State.EXECUTOR_ERROR, f"exited {ev.exit_code}"
+                reason = ev.message.strip().splitlines()[-1] if ev.message.strip() else ""
+                if reason and reason not in ("exited", "dead"):
+                    values["message"] += f": {reason[:300]}"  # e.g. why a copy failed
         elif ev.state == "failed":
             state, values["message"] = State.SYSTEM_ERROR, ev.message or "could not start"
         elif ev.state == "lost":

@@ -202,10 +202,10 @@ class JobService:
             op = modes.copy_op(config, jid, input_dirs, output_dir)
             spec = self._op_spec(op, ["copy", *input_dirs], fields)
             await self.check_fits(spec)
-            await self.run_blocking(
-                modes.write_params, config.storebase_mount, jid, "job_params.json",
-                {"jid": jid, "storage_env": config.storage_env, "input_dirs": input_dirs,
-                 "output_dir": output_dir}, True)
+            params = {"jid": jid, "storage_env": config.storage_env, "input_dirs": input_dirs,
+                      "output_dir": output_dir}
+            await self.run_blocking(lambda: modes.write_params(
+                config.storebase_mount, jid, "job_params.json", params, create=True))
             job = await self.create(kind="copy", jid=jid, spec=spec, image="",
                                     cmd=compute.command_string(spec["command"]), rerun=existing)
             return compute.compute_object(job, "")
@@ -229,10 +229,10 @@ class JobService:
             op = modes.upload_op(config, jid, job_output_path)
             spec = self._op_spec(op, ["upload", job_output_path], fields)
             await self.check_fits(spec)
-            await self.run_blocking(
-                modes.write_params, config.storebase_mount, jid, "upload_params.json",
-                {"jid": jid, "job_output_path": job_output_path,
-                 "storage_env": config.storage_env}, False)
+            params = {"jid": jid, "job_output_path": job_output_path,
+                      "storage_env": config.storage_env}
+            await self.run_blocking(lambda: modes.write_params(
+                config.storebase_mount, jid, "upload_params.json", params, create=False))
             job = await self.create(kind="upload", jid=jid, spec=spec, image="",
                                     cmd=compute.command_string(spec["command"]), rerun=existing)
             return compute.compute_object(job, "")

@@ -244,7 +244,7 @@ class Store:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute(
                 "UPDATE jobs SET attempt = attempt + 1, state = ?, agent = NULL, spec = ?, "
-                "image = ?, cmd = ?, message = '', started_at = '', finished_at = '', "
+                "image = ?, cmd = ?, message = 'queued', started_at = '', finished_at = '', "
                 "exit_code = NULL, logs = '', updated_at = ?, seq = ? WHERE id = ?",
                 (State.QUEUED.value, json.dumps(spec), image, cmd, now, seq, job_id))
             attempt = self.db.execute("SELECT attempt FROM jobs WHERE id = ?",

@@ -26,7 +26,7 @@ from controller.config import Config
 from controller.fleet import FLEET
 from controller.store import STORE
 
-pytest_plugins = ["tests.support.engines"]
+pytest_plugins = ["tests.support.engines", "tests.support.swift", "tests.support.topology"]
 
 _ENV_PREFIXES = ("PFLEET_", "PFCON_", "STORAGE_ENV", "STOREBASE", "SECRET_KEY", "JOB_LOGS_TAIL",
                  "CONTAINER_", "COMPUTE_VOLUME_TYPE", "VOLUME_NAME", "JOB_LABELS", "SHM_SIZE",

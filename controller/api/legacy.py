@@ -92,7 +92,9 @@ async def _fetch_inputs(jobs: JobService, fields: dict[str, Any]) -> None:
         raise BadRequest(FETCH_ERRORS[storage]) from None
     if copy.state is not State.COMPLETE:
         await jobs.remove("copy", fields["jid"])  # a later POST tries again
-        raise BadRequest(f"{FETCH_ERRORS[storage]}: {copy.message}")
+        # A failed operation's message is only "exited 1": its reason is its log.
+        logs = copy.logs.strip().splitlines() if copy.state is State.EXECUTOR_ERROR else []
+        raise BadRequest(f"{FETCH_ERRORS[storage]}: {logs[-1] if logs else copy.message}")
 
 
 def _count_files(root: Path) -> int:

@@ -91,6 +91,8 @@ def server_info(config: Config) -> dict[str, Any]:
         "container_env": "docker" if config.container_env == "podman" else config.container_env,
         "compute_volume_type": config.compute_volume_type,
     }
+    if config.innetwork and config.storage_env == "swift":
+        info["swift_auth_url"] = config.swift_auth_url
     return info
 
 

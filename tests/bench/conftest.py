@@ -31,6 +31,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = [item for item in items if item.get_closest_marker("bench") is None]
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    helpers.OTHERS_AT_START[:] = helpers.other_activity()
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     if not helpers.REPORTS:
         return
@@ -62,6 +66,7 @@ def bench_deployment(
     made: list[BenchDeployment] = []
 
     def make(extra_env: dict[str, str] | None = None) -> BenchDeployment:
+        helpers.OTHERS_AT_START.extend(helpers.other_activity())
         workdir = tmp_path_factory.mktemp("bench-deploy")
         deployment = BenchDeployment(workdir, bench_engine, extra_env)
         made.append(deployment)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import requests
 
 from tests.conftest import free_port
@@ -335,14 +336,36 @@ class Report:
 
 
 REPORTS: list[Report] = []
+OTHERS_AT_START: list[str] = []
+_OTHER_MARKERS = ("pytest", "pfleet-controller", "pfleet-agent", "dockerd", "podman",
+                  "containerd", "wrk", "curl")  # fmt: skip
+
+
+def other_activity() -> list[str]:
+    """Test suites, pfleet daemons and engines running that are not this session's
+    (its own process tree): they compete for the 2 cores and skew every figure."""
+    me = psutil.Process()
+    ours = {me.pid, *(c.pid for c in me.children(recursive=True))}
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if proc.info["pid"] in ours or not cmdline:
+            continue
+        head = " ".join(os.path.basename(a) for a in cmdline[:4])
+        if any(m in head for m in _OTHER_MARKERS) and "containerd-shim" not in head:
+            found.append(f"{proc.info['pid']} {head[:60]}")
+    return found
 
 
 def publish(report: Report) -> None:
     """Print the table now (visible with ``-s``) and keep it for the session summary."""
-    load1 = os.getloadavg()[0]
-    busy = " - other work on the machine skews these figures" if load1 > 1.5 else ""
-    report.note(f"load average (1 min) when done: {load1:.2f} on {os.cpu_count()} cores{busy}")
-    report.extra["loadavg_1min"] = load1
+    others = sorted(set(OTHERS_AT_START) | set(other_activity()))
+    if others:
+        report.note("OTHER WORK ran on this machine during the session (figures are skewed): "
+                    + "; ".join(others)[:400])  # fmt: skip
+    else:
+        report.note(f"no other test suite or engine seen running ({os.cpu_count()} cores)")
+    report.extra["other_processes"] = others
     REPORTS.append(report)
     print("\n" + report.render(), flush=True)
 

@@ -93,7 +93,7 @@ class Sides:
     def _wait_container_gone(self, name: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         for _ in range(int(timeout / 0.02) + 2):
-            if not self.client.containers.list(all=True, filters={"name": f"^{name}$"}):
+            if not self.client.api.containers(all=True, filters={"name": f"^{name}$"}):
                 return
             if time.monotonic() > deadline:
                 break

@@ -29,25 +29,29 @@ asserts here need rewriting, and this avoids PytestAssertRewriteWarning).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import fcntl
-import hashlib
-import http.client
 import ipaddress
-import json
 import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
+
+from tests.support import daemons
+from tests.support.daemons import (
+    Engine,
+    EngineStartError,
+    docker_cli,
+    ping,
+    reap_docker,
+    reap_podman,
+    require,
+    run_dockerd,
+    run_podman_service,
+    state_dir,
+    sweep_dead_netns,
+    wait_until,
+)
 
 __all__ = [
     "BUSYBOX_IMAGE",
@@ -64,11 +68,14 @@ __all__ = [
     "wait_until",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SUPPORT_DIR = Path(__file__).resolve().parent
-CONTAINERS_CONF = SUPPORT_DIR / "containers.conf"
-BUILD_IMAGES = REPO_ROOT / "scripts" / "build-test-images.sh"
-ENGINE_STATE = Path(os.environ.get("PFLEET_TEST_ENGINE_DIR", REPO_ROOT / ".pfleet" / "test-engine"))
+# Kept here for modules that took them from this one.
+REPO_ROOT = daemons.REPO_ROOT
+SUPPORT_DIR = daemons.SUPPORT_DIR
+CONTAINERS_CONF = daemons.CONTAINERS_CONF
+BUILD_IMAGES = daemons.BUILD_IMAGES
+ENGINE_STATE = daemons.ENGINE_STATE
+START_TIMEOUT = daemons.START_TIMEOUT
+STOP_TIMEOUT = daemons.STOP_TIMEOUT
 
 BUSYBOX_IMAGE = "localhost/pfleet-test/busybox:1"
 PYTHON_IMAGE = "localhost/pfleet-test/python:mini"
@@ -77,704 +84,50 @@ CONTAINER_NETWORK = ipaddress.ip_network("198.18.0.0/15")
 DOCKER_BIP = "198.18.1.1/24"
 DOCKER_ADDRESS_POOL = "base=198.18.128.0/18,size=24"
 NETNS_PREFIX = "pfleet-test-"
-
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 15.0
-
-T = TypeVar("T")
-
-
-class EngineStartError(RuntimeError):
-    """An engine did not come up; the message ends with the tail of its log."""
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def wait_until(
-    predicate: Callable[[], T],
-    timeout: float = 10.0,
-    interval: float = 0.1,
-    what: str = "condition",
-) -> T:
-    """Call ``predicate`` until it returns something truthy, and return that.
-
-    Bounded both in time (``timeout`` seconds) and in number of calls; raises
-    ``TimeoutError`` when the predicate never succeeded. Exceptions from the predicate
-    propagate.
-    """
-    deadline = time.monotonic() + timeout
-    max_calls = int(timeout / interval) + 2
-    for _ in range(max_calls):
-        result = predicate()
-        if result:
-            return result
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        time.sleep(min(interval, remaining))
-    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-def ping(url: str, timeout: float = 2.0) -> bool:
-    """True when the Docker-compatible API at ``unix://...`` answers ``GET /_ping``."""
-    path = url.removeprefix("unix://")
-    conn = _UnixHTTPConnection(path, timeout)
-    try:
-        conn.request("GET", "/_ping")
-        resp = conn.getresponse()
-        return resp.status == 200 and resp.read().strip() == b"OK"
-    except OSError:
-        return False
-    finally:
-        conn.close()
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as e:
-        return f"(no log: {e})"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _run(argv: list[str], timeout: float = 60.0, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def _require(*commands: str) -> None:
-    if os.geteuid() != 0:
-        raise EngineStartError("the test engines need root (network namespaces, dockerd)")
-    missing = [c for c in commands if shutil.which(c) is None]
-    if missing:
-        raise EngineStartError(f"missing {', '.join(missing)}: run scripts/bootstrap.sh")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is not alive for our purposes.
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
-def _mentions(argv: list[str], marker: str) -> bool:
-    """True when an argument is ``marker`` or a path below it (also after ``--opt=``)."""
-    for arg in argv:
-        value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
-        if value == marker or value.startswith(marker + "/"):
-            return True
-    return False
-
-
-def _pids_mentioning(marker: str) -> list[int]:
-    """PIDs of processes whose command line names ``marker`` (a directory unique to us)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if (
-            entry.isdigit()
-            and int(entry) != os.getpid()
-            and _mentions(_cmdline(int(entry)), marker)
-        ):
-            pids.append(int(entry))
-    return pids
-
-
-def _kill_pid(pid: int, timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM, bounded wait, SIGKILL. For processes that are not our children."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    try:
-        wait_until(lambda: not _pid_alive(pid), timeout, 0.05, f"pid {pid} to exit")
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(TimeoutError):
-            wait_until(lambda: not _pid_alive(pid), 5.0, 0.05, f"pid {pid} to die")
-
-
-def _kill_mentioning(marker: str) -> None:
-    for pid in _pids_mentioning(marker):
-        _kill_pid(pid, timeout=5.0)
-
-
-def _mountpoints_under(path: Path) -> list[str]:
-    prefix = str(path).rstrip("/")
-    found = []
-    with contextlib.suppress(OSError), open("/proc/self/mounts") as f:
-        for line in f:
-            mnt = line.split()[1].replace("\\040", " ")
-            if mnt == prefix or mnt.startswith(prefix + "/"):
-                found.append(mnt)
-    return found
-
-
-def _umount_under(path: Path) -> None:
-    for mnt in sorted(set(_mountpoints_under(path)), key=len, reverse=True):
-        if _run(["umount", mnt], timeout=20).returncode != 0:
-            _run(["umount", "-l", mnt], timeout=20)
-
-
-def _netns_exists(name: str) -> bool:
-    return Path("/run/netns", name).exists()
-
-
-def _netns_add(name: str) -> None:
-    if _netns_exists(name):
-        _netns_del(name)
-    res = _run(["ip", "netns", "add", name], timeout=20)
-    if res.returncode != 0:
-        raise EngineStartError(f"ip netns add {name}: {res.stderr.strip()}")
-    _run(["ip", "-n", name, "link", "set", "lo", "up"], timeout=20, check=True)
-
-
-def _netns_del(name: str) -> None:
-    if _netns_exists(name):
-        _run(["ip", "netns", "del", name], timeout=20)
+_DEAD_NETNS = re.compile(re.escape(NETNS_PREFIX) + r"(?P<pid>\d+)(-pod|-reap)?")
 
 
 def _sweep_dead_netns() -> None:
     """Delete ``pfleet-test-<pid>[-pod]`` namespaces whose pytest process is gone."""
-    with contextlib.suppress(OSError):
-        for name in os.listdir("/run/netns"):
-            m = re.fullmatch(re.escape(NETNS_PREFIX) + r"(\d+)(-pod|-reap)?", name)
-            if m and not _pid_alive(int(m.group(1))):
-                _netns_del(name)
+    sweep_dead_netns(_DEAD_NETNS)
 
 
-def _read_record(record: Path) -> dict[str, Any]:
-    """What an earlier session using the same state dir left behind (if it crashed)."""
-    try:
-        prev = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return {}
-    return prev if isinstance(prev, dict) else {}
-
-
-def _write_record(record: Path, **fields: Any) -> None:
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps(fields))
-    tmp.replace(record)
-
-
-def _reap_previous(
-    record: Path, before_kill: Callable[[dict[str, Any]], None] | None = None
-) -> bool:
-    """Stop what a crashed earlier session left running; True when something was.
-
-    The recorded daemon gets SIGTERM first (dockerd then stops its containers itself),
-    ``before_kill`` may clean up with the engine's own tools, and only then is anything
-    still naming the old session's directories killed.
-    """
-    prev = _read_record(record)
-    if not prev:
-        return False
-    markers = [str(m) for m in prev.get("markers", [])]
-    found = False
-    pid = prev.get("pid")
-    if (
-        isinstance(pid, int)
-        and _pid_alive(pid)
-        and any(_mentions(_cmdline(pid), m) for m in markers)
-    ):
-        found = True
-        _kill_pid(pid)
-    if any(_pids_mentioning(m) for m in markers):
-        found = True
-        if before_kill is not None:
-            with contextlib.suppress(Exception):
-                before_kill(prev)
-        for m in markers:
-            _kill_mentioning(m)
-    for d in prev.get("scratch", []):
-        _umount_under(Path(d))
-        shutil.rmtree(d, ignore_errors=True)
-    if prev.get("netns"):
-        _netns_del(prev["netns"])
-    record.unlink(missing_ok=True)
-    return found
-
-
-def _sweep_sessions(base: Path, reap: Callable[[Path], bool]) -> None:
-    """Reap and remove per-session directories of crashed concurrent sessions."""
-    with open(base / "sweep.lock", "w") as lock:
-
-        def locked() -> bool:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            return True
-
-        try:
-            wait_until(locked, 120, 0.1, f"{base}/sweep.lock")
-        except TimeoutError:
-            return  # someone else is sweeping
-        for d in base.glob("session-*"):
-            m = re.fullmatch(r"session-(\d+)", d.name)
-            if m and not _pid_alive(int(m.group(1))):
-                reap(d)
-                _umount_under(d)
-                shutil.rmtree(d, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _state_dir(kind: str, reap: Callable[[Path], bool]) -> Iterator[tuple[Path, bool]]:
-    """Yield (directory, reaped) for this session's engine storage.
-
-    The persistent directory ``.pfleet/test-engine/<kind>`` is used when no other session
-    holds it (flock); otherwise a per-session directory below it, removed afterwards.
-    ``reap(dir)`` stops what a crashed earlier session left running in a directory;
-    ``reaped`` says whether it found anything (then leftovers should be removed).
-    """
-    base = ENGINE_STATE / kind
-    base.mkdir(parents=True, exist_ok=True)
-    lock = open(base / "lock", "w")  # noqa: SIM115 - held for the whole session
-    try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shared = True
-        except BlockingIOError:
-            shared = False
-        _sweep_sessions(base, reap)
-        if shared:
-            yield base, reap(base)
-            return
-        private = base / f"session-{os.getpid()}"
-        private.mkdir(exist_ok=True)
-        try:
-            yield private, False
-        finally:
-            _umount_under(private)
-            shutil.rmtree(private, ignore_errors=True)
-    finally:
-        lock.close()
+def _reap_podman(state: Path) -> bool:
+    return reap_podman(state, f"{NETNS_PREFIX}{os.getpid()}-reap")
 
 
 # --------------------------------------------------------------------------- engines
 
 
-@dataclasses.dataclass
-class Engine:
-    """A running engine. ``url`` works with the docker SDK and the engine's own CLI."""
-
-    kind: str  # "docker" | "podman"
-    url: str  # unix:///tmp/pfleet-.../docker.sock
-    cli: list[str]  # e.g. ["docker", "-H", url] / ["podman", "--url", url]
-    netns: str  # name under /run/netns
-    pid: int
-    log_path: Path
-    data_dir: Path
-    startup_seconds: float = 0.0  # daemon start until it answers
-    images_seconds: float = 0.0  # making sure the test images exist
-
-    @property
-    def socket_path(self) -> str:
-        return self.url.removeprefix("unix://")
-
-    @property
-    def nsenter(self) -> list[str]:
-        """argv prefix that runs a command inside the engine's network namespace."""
-        return ["nsenter", f"--net=/run/netns/{self.netns}"]
-
-    def client(self, **kwargs: Any) -> Any:
-        """A ``docker.DockerClient`` for this engine (close it when done)."""
-        import docker
-
-        kwargs.setdefault("timeout", 120)
-        return docker.DockerClient(base_url=self.url, **kwargs)
-
-    def run_cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        return _run([*self.cli, *args], timeout=timeout)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return _tail(self.log_path, lines)
-
-
-class _Daemon:
-    """A background process we started; stopped by its PID only."""
-
-    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None):
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        try:
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # Ctrl-C on pytest does not hit it; we stop it
-            )
-        except BaseException:
-            self._log.close()
-            raise
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(10)
-        finally:
-            self._log.close()
-
-
-def _wait_for_api(daemon: _Daemon, url: str, name: str) -> float:
-    t0 = time.monotonic()
-
-    def ready() -> bool:
-        if not daemon.running():
-            raise EngineStartError(
-                f"{name} exited with {daemon.proc.returncode} while starting; "
-                f"log {daemon.log_path}:\n{_tail(daemon.log_path)}"
-            )
-        return ping(url, timeout=1.0)
-
-    try:
-        wait_until(ready, START_TIMEOUT, 0.1, f"{name} to answer on {url}")
-    except TimeoutError as e:
-        raise EngineStartError(f"{e}; log {daemon.log_path}:\n{_tail(daemon.log_path)}") from e
-    return time.monotonic() - t0
-
-
-def _build_images(engine: Engine) -> None:
-    t0 = time.monotonic()
-    try:
-        res = _run(["bash", str(BUILD_IMAGES), *engine.cli], timeout=600)
-    except subprocess.TimeoutExpired as e:
-        raise EngineStartError(f"building test images in {engine.kind} timed out") from e
-    if res.returncode != 0:
-        raise EngineStartError(
-            f"building test images in {engine.kind} failed ({res.returncode}):\n"
-            f"{res.stdout}{res.stderr}\n{engine.kind} log:\n{engine.log_tail()}"
-        )
-    engine.images_seconds = time.monotonic() - t0
-
-
-def _remove_all(engine: Engine) -> None:
-    """Remove containers, networks and volumes tests left behind (storage persists)."""
-    if engine.kind == "docker":
-        ids = engine.run_cli("ps", "-aq", timeout=60).stdout.split()
-        if ids:
-            engine.run_cli("rm", "-f", "-v", *ids, timeout=120)
-    else:
-        engine.run_cli("pod", "rm", "--all", "--force", timeout=120)
-        engine.run_cli("rm", "--all", "--force", "--volumes", "--time", "0", timeout=120)
-    engine.run_cli("network", "prune", "-f", timeout=60)
-    engine.run_cli("volume", "prune", "-f", timeout=60)
-    engine.run_cli("image", "prune", "-f", timeout=60)  # dangling only: test images stay
-
-
-def _containerd_own_config(path: Path, data_root: Path, exec_root: Path) -> Path:
-    """containerd.toml like the one dockerd writes for its managed containerd."""
-    sock = exec_root / "containerd" / "containerd.sock"
-    path.write_text(
-        "\n".join(
-            [
-                "version = 2",
-                f'root = "{data_root}/containerd/daemon"',
-                f'state = "{exec_root}/containerd/daemon"',
-                'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
-                "[grpc]",
-                f'  address = "{sock}"',
-                "[debug]",
-                '  level = "info"',
-                "",
-            ]
-        )
-    )
-    return sock
-
-
-def _reap_docker(state: Path) -> bool:
-    # dockerd gets SIGTERM first and stops its containers itself.
-    return _reap_previous(state / "session.json")
-
-
-def _podman_setup(state: Path) -> tuple[Path, Path, list[str], dict[str, str]]:
-    """(root, run_base, global flags, env) of the podman storage in ``state``."""
-    root = state / "root"
-    # podman refuses a runroot longer than 50 characters: keep per-boot state in /run,
-    # at a path derived from (so stable for) the storage root, as podman's DB requires.
-    run_base = Path("/run/pfleet-test") / hashlib.sha256(str(root).encode()).hexdigest()[:12]
-    # Our own storage.conf, so a system /etc/containers/storage.conf cannot add options.
-    storage_conf = state / "storage.conf"
-    storage_conf.write_text(
-        f'[storage]\ndriver = "overlay"\ngraphroot = "{root}"\nrunroot = "{run_base}/run"\n'
-    )
-    env = {
-        **os.environ,
-        "CONTAINERS_CONF": str(CONTAINERS_CONF),
-        "CONTAINERS_STORAGE_CONF": str(storage_conf),
-    }
-    env.pop("CONTAINER_HOST", None)
-    flags = [
-        "--root", str(root),
-        "--runroot", str(run_base / "run"),
-        "--tmpdir", str(run_base / "tmp"),
-        "--storage-driver", "overlay",
-        "--cgroup-manager", "cgroupfs",
-        "--events-backend", "file",
-    ]  # fmt: skip
-    return root, run_base, flags, env
-
-
-def _reap_podman(state: Path) -> bool:
-    def remove_orphans(prev: dict[str, Any]) -> None:
-        # conmon keeps the containers of a dead service running: remove them with a local
-        # podman on the same storage, inside the old namespace (for netavark's teardown).
-        # Never in the root namespace: netavark would tear down bridge/firewall state there.
-        _root, _run_base, flags, env = _podman_setup(state)
-        podman_bin = shutil.which("podman") or "podman"
-        ns = prev.get("netns", "")
-        temp_ns = None
-        if not ns or not _netns_exists(ns):
-            ns = temp_ns = f"{NETNS_PREFIX}{os.getpid()}-reap"
-            _netns_add(ns)
-        try:
-            for args in (["pod", "rm", "-af"], ["rm", "-af", "-t", "0"]):
-                _run(
-                    ["nsenter", f"--net=/run/netns/{ns}", podman_bin, *flags, *args],
-                    timeout=120,
-                    env=env,
-                )
-        finally:
-            if temp_ns:
-                _netns_del(temp_ns)
-
-    return _reap_previous(state / "session.json", before_kill=remove_orphans)
-
-
 @contextlib.contextmanager
 def start_docker_engine(build_images: bool = True) -> Iterator[Engine]:
     """Context manager behind the ``docker_engine`` fixture (usable outside pytest)."""
-    _require("dockerd", "ip", "nsenter", "umount")
-    docker_bin = shutil.which("docker")
-    if docker_bin is None:
-        raise EngineStartError("missing docker CLI: run scripts/bootstrap.sh")
-    with _state_dir("docker", _reap_docker) as (state, reaped):
+    require("dockerd", "ip", "nsenter", "umount")
+    docker_cli()
+    with state_dir("docker", reap_docker) as (state, reaped):
         _sweep_dead_netns()  # after reaping: that may still need the old namespaces
-        record = state / "session.json"
-        data_root = state / "data"
-        data_root.mkdir(exist_ok=True)
-        # Short path: containerd's socket lives below it (unix socket paths <= 107 bytes).
-        scratch = Path(tempfile.mkdtemp(prefix="pfleet-docker-", dir="/tmp"))
-        exec_root = scratch / "exec"
-        sock = scratch / "docker.sock"
-        url = f"unix://{sock}"
-        log_path = state / "dockerd.log"
-        netns = f"{NETNS_PREFIX}{os.getpid()}"
-        nsenter = ["nsenter", f"--net=/run/netns/{netns}"]
-        # dockerd 20.10 uses /run/containerd/containerd.sock instead of starting its own
-        # containerd when that socket exists (a system containerd). Keep ours separate.
-        own_containerd = (
-            os.environ.get("PFLEET_TEST_OWN_CONTAINERD") == "1"
-            or Path("/run/containerd/containerd.sock").exists()
-        )
-        rec = {"markers": [str(scratch)], "scratch": [str(scratch)], "netns": netns}
-        _write_record(record, **rec)
-        daemons: list[_Daemon] = []
-        engine: Engine | None = None
-        try:
-            _netns_add(netns)
-            log_path.write_text("")
-            extra: list[str] = []
-            if own_containerd:
-                exec_root.mkdir()
-                (exec_root / "containerd").mkdir()
-                cfg = scratch / "containerd.toml"
-                csock = _containerd_own_config(cfg, data_root, exec_root)
-                containerd = _Daemon(
-                    [*nsenter, "containerd", "--config", str(cfg)], state / "containerd.log"
-                )
-                daemons.append(containerd)
-                wait_until(
-                    lambda: csock.exists() or not containerd.running(),
-                    START_TIMEOUT,
-                    0.05,
-                    "containerd socket",
-                )
-                if not containerd.running():
-                    raise EngineStartError(f"containerd died:\n{_tail(containerd.log_path)}")
-                extra = ["--containerd", str(csock)]
-            t0 = time.monotonic()
-            dockerd = _Daemon(
-                [
-                    *nsenter,
-                    "dockerd",
-                    "--data-root", str(data_root),
-                    "--exec-root", str(exec_root),
-                    "--pidfile", str(scratch / "docker.pid"),
-                    "-H", url,
-                    "--bip", DOCKER_BIP,
-                    "--default-address-pool", DOCKER_ADDRESS_POOL,
-                    "--containerd-namespace", "pfleet-test",
-                    "--containerd-plugins-namespace", "pfleet-test-p",
-                    "--cgroup-parent", "pfleet-test",
-                    "--shutdown-timeout", "5",
-                    *extra,
-                ],
-                log_path,
-            )  # fmt: skip
-            daemons.insert(0, dockerd)
-            _write_record(record, pid=dockerd.pid, **rec)
-            _wait_for_api(dockerd, url, "dockerd")
-            engine = Engine(
-                kind="docker",
-                url=url,
-                cli=[docker_bin, "-H", url],
-                netns=netns,
-                pid=dockerd.pid,
-                log_path=log_path,
-                data_dir=data_root,
-                startup_seconds=time.monotonic() - t0,
-            )
-            if reaped:
-                _remove_all(engine)
-            if build_images:
-                _build_images(engine)
+        with run_dockerd(
+            state,
+            reaped,
+            netns=f"{NETNS_PREFIX}{os.getpid()}",
+            bip=DOCKER_BIP,
+            address_pool=DOCKER_ADDRESS_POOL,
+            tag="pfleet-test",
+            images=build_images,
+        ) as engine:
             yield engine
-        finally:
-            try:
-                if engine is not None and daemons[0].running():
-                    with contextlib.suppress(Exception):
-                        _remove_all(engine)
-            finally:
-                for d in daemons:  # dockerd first, then its containerd
-                    d.stop()
-                _kill_mentioning(str(scratch))  # a containerd/shim outliving dockerd
-                _umount_under(scratch)
-                _netns_del(netns)
-                shutil.rmtree(scratch, ignore_errors=True)
-                record.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def start_podman_engine(build_images: bool = True) -> Iterator[Engine]:
     """Context manager behind the ``podman_engine`` fixture (usable outside pytest)."""
-    _require("podman", "ip", "nsenter", "umount")
-    podman_bin = shutil.which("podman") or "podman"
-    with _state_dir("podman", _reap_podman) as (state, reaped):
+    require("podman", "ip", "nsenter", "umount")
+    with state_dir("podman", _reap_podman) as (state, reaped):
         _sweep_dead_netns()  # after reaping: that may still need the old namespaces
-        record = state / "session.json"
-        root, run_base, global_flags, env = _podman_setup(state)
-        runroot, tmpdir = run_base / "run", run_base / "tmp"
-        log_path = state / "podman.log"
-        netns = f"{NETNS_PREFIX}{os.getpid()}-pod"
-        # runroot and tmpdir hold per-boot state; starting with them empty makes podman
-        # "refresh" (forget containers that were running when an earlier session ended).
-        for d in (runroot, tmpdir):
-            _umount_under(d)
-            shutil.rmtree(d, ignore_errors=True)
-        for d in (root, runroot, tmpdir):
-            d.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix="pfleet-podman-", dir="/tmp"))
-        sock = scratch / "podman.sock"
-        url = f"unix://{sock}"
-        rec = {
-            "markers": [str(scratch), str(root), str(run_base)],
-            "scratch": [str(scratch), str(run_base)],
-            "netns": netns,
-        }
-        _write_record(record, **rec)
-        daemon: _Daemon | None = None
-        engine: Engine | None = None
-        try:
-            _netns_add(netns)
-            log_path.write_text("")
-            service_argv = [
-                "nsenter", f"--net=/run/netns/{netns}",
-                podman_bin, *global_flags, "--log-level", "info",
-                "system", "service", "--time=0", url,
-            ]  # fmt: skip
-            for attempt in (1, 2):
-                t0 = time.monotonic()
-                daemon = _Daemon(service_argv, log_path, env=env)
-                _write_record(record, pid=daemon.pid, **rec)
-                try:
-                    _wait_for_api(daemon, url, "podman service")
-                    break
-                except EngineStartError:
-                    daemon.stop()
-                    if attempt == 2 or "database configuration mismatch" not in _tail(log_path):
-                        raise
-                    # The libpod DB remembers the paths it was created with (e.g. before the
-                    # checkout moved). Images live in c/storage, not in it: start a new DB.
-                    (root / "libpod" / "bolt_state.db").unlink(missing_ok=True)
-            engine = Engine(
-                kind="podman",
-                url=url,
-                cli=[podman_bin, "--url", url],
-                netns=netns,
-                pid=daemon.pid,
-                log_path=log_path,
-                data_dir=root,
-                startup_seconds=time.monotonic() - t0,
-            )
-            if reaped:
-                _remove_all(engine)
-            if build_images:
-                _build_images(engine)
+        with run_podman_service(
+            state, reaped, netns=f"{NETNS_PREFIX}{os.getpid()}-pod", images=build_images
+        ) as engine:
             yield engine
-        finally:
-            try:
-                if engine is not None and daemon is not None and daemon.running():
-                    with contextlib.suppress(Exception):
-                        _remove_all(engine)
-            finally:
-                if daemon is not None:
-                    daemon.stop()
-                # conmon (and anything else) still naming our storage is ours.
-                for marker in (root, run_base, scratch):
-                    _kill_mentioning(str(marker))
-                _umount_under(root)  # c/storage leaves <root>/overlay bind-mounted
-                _umount_under(run_base)
-                shutil.rmtree(run_base, ignore_errors=True)
-                _netns_del(netns)
-                shutil.rmtree(scratch, ignore_errors=True)
-                record.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -14,9 +14,11 @@ namespace the caller created (readiness is then probed from inside it too).
 Everything lives in a private temporary directory: ``swift.conf`` (hash path salts,
 storage policy and small listing limits, so that tests exercise pagination), the rings,
 the four server confs, the storage device and the logs. The servers are started as
-``python -c BOOT <swift.conf> <bin/swift-*-server> <conf> -v`` where ``BOOT`` points
-``swift.common.utils.SWIFT_CONF_FILE`` at the private ``swift.conf`` before the storage
-policies and constraints are loaded, so nothing is read from ``/etc/swift``. Every
+``<venv python> -c BOOT <swift.conf> <rings|-> <venv bin/swift-*-server> <conf> -v``:
+``BOOT`` points ``swift.common.utils.SWIFT_CONF_FILE`` at the private ``swift.conf``
+before the storage policies and constraints are loaded (the servers' ``swift_dir``
+option alone only redirects the hash path salts), so nothing is read from
+``/etc/swift``; the proxy's ``BOOT`` first builds the three rings. Every
 process is stopped by PID at exit (SIGTERM, bounded wait, SIGKILL) and the directory is
 removed.
 
@@ -37,6 +39,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -128,7 +131,8 @@ use = egg:swift#{name}
 
 _PROXY_SERVER = """\
 [pipeline:main]
-pipeline = catch_errors gatekeeper healthcheck proxy-logging cache listing_formats tempauth copy slo dlo proxy-logging proxy-server
+pipeline = catch_errors gatekeeper healthcheck proxy-logging cache listing_formats tempauth
+    copy slo dlo proxy-logging proxy-server
 
 [app:proxy-server]
 use = egg:swift#proxy
@@ -182,8 +186,12 @@ class _Daemon:
     def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd=self.log_path.parent,
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.log_path.parent,
             )
 
     @property
@@ -247,8 +255,7 @@ class SwiftService:
         """argv prefix running a command in the service's network namespace (or none)."""
         return ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
 
-    def connection(self, user: str | None = None, key: str | None = None,
-                   **kwargs: Any) -> Any:
+    def connection(self, user: str | None = None, key: str | None = None, **kwargs: Any) -> Any:
         """A ``swiftclient.Connection`` (v1 auth) as ``user`` (default: the first user)."""
         import swiftclient
 
@@ -258,6 +265,31 @@ class SwiftService:
         kwargs.setdefault("starting_backoff", 0.1)
         kwargs.setdefault("timeout", 30)
         return swiftclient.Connection(authurl=self.auth_url, user=user, key=key, **kwargs)
+
+    def put_objects(
+        self, container: str, objects: dict[str, bytes], user: str | None = None, workers: int = 8
+    ) -> None:
+        """Create ``container`` (if needed) and PUT ``objects`` into it, in parallel."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        first = self.connection(user)
+        first.put_container(container)
+        url, token = first.url, first.token
+        local = threading.local()
+        conns = [first]
+
+        def put(item: tuple[str, bytes]) -> None:
+            if not hasattr(local, "conn"):
+                local.conn = self.connection(user, preauthurl=url, preauthtoken=token)
+                conns.append(local.conn)
+            local.conn.put_object(container, item[0], item[1])
+
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(put, objects.items()))
+        finally:
+            for conn in conns:
+                conn.close()
 
     def log_tail(self, lines: int = 25) -> str:
         return _tails(self._daemons.values(), lines)
@@ -287,8 +319,13 @@ def _free_ports(host: str, count: int, nsenter: list[str]) -> list[int]:
             "[s.bind((sys.argv[1], 0)) for s in socks]\n"
             "print(' '.join(str(s.getsockname()[1]) for s in socks))\n"
         )
-        res = subprocess.run([*nsenter, sys.executable, "-c", code, host, str(count)],
-                             capture_output=True, text=True, timeout=20, check=False)
+        res = subprocess.run(
+            [*nsenter, sys.executable, "-c", code, host, str(count)],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
         if res.returncode != 0:
             raise SwiftStartError(f"cannot pick ports in {nsenter}: {res.stderr.strip()}")
         return [int(p) for p in res.stdout.split()]
@@ -308,14 +345,17 @@ def _check_xattrs(path: Path) -> None:
     try:
         os.setxattr(probe, "user.pfleet", b"1")
     except OSError as exc:
-        raise SwiftStartError(f"{path} has no user xattrs ({exc}); Swift needs them: "
-                              "pass a workdir on a filesystem that has them") from exc
+        raise SwiftStartError(
+            f"{path} has no user xattrs ({exc}); Swift needs them: "
+            "pass a workdir on a filesystem that has them"
+        ) from exc
     finally:
         probe.unlink()
 
 
-def _write_confs(root: Path, host: str, ports: dict[str, int], memcache: str,
-                 users: dict[str, str]) -> dict[str, Path]:
+def _write_confs(
+    root: Path, host: str, ports: dict[str, int], memcache: str, users: dict[str, str]
+) -> dict[str, Path]:
     swift_dir, devices, cache = root / "etc", root / "node", root / "cache"
     for d in (swift_dir, devices / "d1", cache, root / "log"):
         d.mkdir(parents=True, exist_ok=True)
@@ -326,9 +366,19 @@ def _write_confs(root: Path, host: str, ports: dict[str, int], memcache: str,
     )
     confs = {}
     for name in SERVERS:
-        text = _DEFAULT.format(host=host, port=ports[name], swift_dir=swift_dir,
-                               devices=devices, user=getpass.getuser(), name=name,
-                               log_port=ports["syslog"], cache=cache) + "\n"
+        text = (
+            _DEFAULT.format(
+                host=host,
+                port=ports[name],
+                swift_dir=swift_dir,
+                devices=devices,
+                user=getpass.getuser(),
+                name=name,
+                log_port=ports["syslog"],
+                cache=cache,
+            )
+            + "\n"
+        )
         if name == "proxy":
             text += _PROXY_SERVER.format(users=user_lines, memcache=memcache)
         else:
@@ -342,8 +392,14 @@ def _write_confs(root: Path, host: str, ports: dict[str, int], memcache: str,
 # -- readiness ---------------------------------------------------------------------------
 
 
-def _request(host: str, port: int, method: str, path: str, headers: dict[str, str] | None = None,
-             body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+def _request(
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection(host, port, timeout=3)
     try:
         conn.request(method, path, body=body, headers=headers or {})
@@ -357,13 +413,14 @@ def _request(host: str, port: int, method: str, path: str, headers: dict[str, st
 def _probe_once(host: str, port: int, users: dict[str, str]) -> str | None:
     """None when Swift answers end to end, else what is still missing."""
     try:
-        status, _, body = _request(host, port, "GET", "/healthcheck")
+        status, _, _ = _request(host, port, "GET", "/healthcheck")
         if status != 200:
             return f"healthcheck answered {status}"
         tokens = {}
         for user, key in users.items():
-            status, headers, _ = _request(host, port, "GET", "/auth/v1.0",
-                                          {"X-Auth-User": user, "X-Auth-Key": key})
+            status, headers, _ = _request(
+                host, port, "GET", "/auth/v1.0", {"X-Auth-User": user, "X-Auth-Key": key}
+            )
             if status != 200 or "x-auth-token" not in headers:
                 return f"login as {user} answered {status}"
             tokens[user] = (headers["x-storage-url"], headers["x-auth-token"])
@@ -379,8 +436,9 @@ def _probe_once(host: str, port: int, users: dict[str, str]) -> str | None:
             ("DELETE", path, None, (204,)),
         ]
         for method, p, data, ok in steps:
-            status, _, _ = _request(host, port, method, p,
-                                    {**auth, "Content-Length": str(len(data or b""))}, data)
+            status, _, _ = _request(
+                host, port, method, p, {**auth, "Content-Length": str(len(data or b""))}, data
+            )
             if status not in ok:
                 return f"{method} {p} answered {status}"
         return None
@@ -388,8 +446,7 @@ def _probe_once(host: str, port: int, users: dict[str, str]) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _wait_ready(host: str, port: int, users: dict[str, str], timeout: float,
-                alive: Any) -> None:
+def _wait_ready(host: str, port: int, users: dict[str, str], timeout: float, alive: Any) -> None:
     deadline = time.monotonic() + timeout
     last = "not probed"
     while time.monotonic() < deadline:
@@ -403,13 +460,18 @@ def _wait_ready(host: str, port: int, users: dict[str, str], timeout: float,
     raise SwiftStartError(f"Swift not ready after {timeout:.0f} s: {last}")
 
 
-def _wait_ready_in_netns(nsenter: list[str], host: str, port: int, users: dict[str, str],
-                         timeout: float) -> None:
+def _wait_ready_in_netns(
+    nsenter: list[str], host: str, port: int, users: dict[str, str], timeout: float
+) -> None:
     spec = json.dumps({"host": host, "port": port, "users": users, "timeout": timeout})
     try:
         res = subprocess.run(
             [*nsenter, sys.executable, "-m", "tests.support.swift", "probe", spec],
-            capture_output=True, text=True, timeout=timeout + 15, check=False, cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout + 15,
+            check=False,
+            cwd=REPO_ROOT,
         )
     except subprocess.TimeoutExpired as exc:
         raise SwiftStartError(f"the readiness probe in {nsenter} hung") from exc
@@ -421,9 +483,14 @@ def _wait_ready_in_netns(nsenter: list[str], host: str, port: int, users: dict[s
 
 
 @contextlib.contextmanager
-def start_swift(workdir: Path | None = None, host: str = "127.0.0.1", *,
-                netns: str | None = None, users: dict[str, str] | None = None,
-                timeout: float = START_TIMEOUT) -> Iterator[SwiftService]:
+def start_swift(
+    workdir: Path | None = None,
+    host: str = "127.0.0.1",
+    *,
+    netns: str | None = None,
+    users: dict[str, str] | None = None,
+    timeout: float = START_TIMEOUT,
+) -> Iterator[SwiftService]:
     """Start memcached and the four Swift servers on ``host``; stop them all at exit.
 
     ``workdir``: where the private directory is made (default: the system temp dir);
@@ -437,8 +504,12 @@ def start_swift(workdir: Path | None = None, host: str = "127.0.0.1", *,
     missing = [str(p) for p in scripts.values() if not p.exists()]
     memcached = shutil.which("memcached")
     if missing or memcached is None:
-        raise SwiftStartError("missing: " + ", ".join(missing + ([] if memcached else
-                              ["memcached (apt-get install -y memcached)"])))
+        raise SwiftStartError(
+            "missing: "
+            + ", ".join(
+                missing + ([] if memcached else ["memcached (apt-get install -y memcached)"])
+            )
+        )
 
     root = Path(tempfile.mkdtemp(prefix="pfleet-swift-", dir=workdir))
     daemons: dict[str, _Daemon] = {}
@@ -448,20 +519,46 @@ def start_swift(workdir: Path | None = None, host: str = "127.0.0.1", *,
         ports = dict(zip(names, _free_ports(host, len(names), nsenter), strict=True))
         confs = _write_confs(root, host, ports, f"{host}:{ports['memcached']}", users)
         logs = root / "log"
-        mc_argv = [*nsenter, memcached, "-l", host, "-p", str(ports["memcached"]), "-U", "0",
-                   "-m", "64", "-c", "512"]
+        mc_argv = [
+            *nsenter,
+            memcached,
+            "-l",
+            host,
+            "-p",
+            str(ports["memcached"]),
+            "-U",
+            "0",
+            "-m",
+            "64",
+            "-c",
+            "512",
+        ]
         if os.geteuid() == 0:
             mc_argv += ["-u", "root"]
         daemons["memcached"] = _Daemon("memcached", mc_argv, logs / "memcached.log")
         t0 = time.monotonic()
         daemons["memcached"].start()
         swift_conf = str(root / "etc" / "swift.conf")
-        rings = json.dumps({"dir": str(root / "etc"), "host": host, "part_power": 6,
-                            "ports": {n: ports[n] for n in ("account", "container", "object")}})
+        rings = json.dumps(
+            {
+                "dir": str(root / "etc"),
+                "host": host,
+                "part_power": 6,
+                "ports": {n: ports[n] for n in ("account", "container", "object")},
+            }
+        )
         for name in SERVERS:
-            argv = [*nsenter, sys.executable, "-c", _BOOT, swift_conf,
-                    rings if name == "proxy" else "-", str(scripts[name]), str(confs[name]),
-                    "-v"]
+            argv = [
+                *nsenter,
+                sys.executable,
+                "-c",
+                _BOOT,
+                swift_conf,
+                rings if name == "proxy" else "-",
+                str(scripts[name]),
+                str(confs[name]),
+                "-v",
+            ]
             daemons[name] = _Daemon(name, argv, logs / f"{name}.log")
             daemons[name].start()
 
@@ -478,9 +575,17 @@ def start_swift(workdir: Path | None = None, host: str = "127.0.0.1", *,
         except SwiftStartError as exc:
             raise SwiftStartError(f"{exc}\n{_tails(daemons.values())}") from None
         first_user = next(iter(users))
-        service = SwiftService(host=host, port=ports["proxy"], user=first_user,
-                               key=users[first_user], users=users, workdir=root, netns=netns,
-                               started_in=time.monotonic() - t0, _daemons=daemons)
+        service = SwiftService(
+            host=host,
+            port=ports["proxy"],
+            user=first_user,
+            key=users[first_user],
+            users=users,
+            workdir=root,
+            netns=netns,
+            started_in=time.monotonic() - t0,
+            _daemons=daemons,
+        )
         yield service
     finally:
         _stop_all(list(daemons.values()))
@@ -500,8 +605,9 @@ def swift_service() -> Iterator[SwiftService]:
 def _probe_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     try:
-        _wait_ready(spec["host"], int(spec["port"]), spec["users"], float(spec["timeout"]),
-                    lambda: None)
+        _wait_ready(
+            spec["host"], int(spec["port"]), spec["users"], float(spec["timeout"]), lambda: None
+        )
     except SwiftStartError as exc:
         print(exc)
         return 1

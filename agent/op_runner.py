@@ -1,0 +1,591 @@
+"""Runs a built-in operation (copy/upload/delete) in a child process with the job's
+limits, and finds it again after an agent restart.
+
+pfcon runs these operations in op containers with the job's ``cpu_limit`` and
+``memory_limit``; pfleet runs them as ``python -m agent.op_worker`` children of the
+agent, in their own session, limited like this:
+
+* **memory**: a cgroup memory limit of ``memory_limit`` MiB (swap included where
+  the kernel accounts it) when the agent can create cgroups: cgroup v1
+  ``<memory mount>/<agent's cgroup>/pfleet/<leaf>/memory.limit_in_bytes``, or
+  v2 ``memory.max``.  The leaf lives *under the agent's own cgroup*, so the
+  agent's own limits still hold.  Exceeding it gets the worker OOM-killed: the
+  op fails with ``OOMKilled``, exit code 137, ``oom`` set.  Without cgroups the
+  worker gets ``RLIMIT_AS`` of ``max(memory_limit, 256)`` MiB (the floor lets the
+  interpreter start; an address-space limit counts mappings, not use, so it is
+  looser than a cgroup) and a ``MemoryError`` is reported as ``OOMKilled`` too.
+* **cpu**: a CFS quota of ``cpu_limit`` millicores (v1 ``cpu.cfs_quota_us`` /
+  ``cpu.cfs_period_us``, v2 ``cpu.max``) when the cpu controller is usable,
+  otherwise none (logged once).
+
+Crash safety: the request (``request.json``), the worker's stderr and its result
+(``result.json``, written atomically by the worker) live in
+``<work_dir>/<job>.<attempt>/``.  The caller persists the :class:`ChildRef` (pid
+and kernel start time, which guards against pid reuse) handed to ``on_started``
+before anything is awaited; :meth:`OpRunner.run` given that ref after a restart
+reports an existing result, waits for a live worker (polling ``/proc``), and
+otherwise runs the operation again (operations are idempotent).  The worker also
+holds ``worker.lock`` (flock) for its whole life, so a worker started just before
+a crash, whose pid never got recorded, is waited for instead of doubled.
+
+Under systemd the agent's unit needs ``KillMode=process`` (or ``mixed``) for a
+worker to outlive an agent restart; otherwise it is killed with the agent and
+simply run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import agent
+from agent.protocol import JobSpec
+
+__all__ = ["OOM_EXIT_CODE", "RLIMIT_FLOOR_MIB", "ChildRef", "OpResult", "OpRunner",
+           "process_start_time"]
+
+log = logging.getLogger("pfleet.agent.op_runner")
+
+MIB = 1024 * 1024
+RLIMIT_FLOOR_MIB = 256
+CPU_PERIOD_US = 100_000
+MIN_CPU_QUOTA_US = 1_000
+CGROUP_PARENT = "pfleet"
+OOM_EXIT_CODE = 137
+STDERR_TAIL_BYTES = 4000
+RMDIR_TRIES = 40
+LOCK_FILE = "worker.lock"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+# where the ``agent`` package is, for the worker's PYTHONPATH
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(agent.__file__)))
+_CONTROLLERS = ("memory", "cpu")
+
+
+@dataclass(frozen=True)
+class ChildRef:
+    """A worker process: its pid and kernel start time (``/proc/<pid>/stat``)."""
+
+    pid: int
+    start_time: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"pid": self.pid, "start_time": self.start_time}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ChildRef | None:
+        if not isinstance(data, dict):
+            return None
+        try:
+            return cls(int(data["pid"]), int(data["start_time"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
+class OpResult:
+    exit_code: int
+    log: str
+    message: str
+    oom: bool = False
+
+
+_KILLED = OpResult(128 + signal.SIGKILL, "", "killed by the agent")
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of a process, None if none."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    try:
+        fields = data[data.rindex(b")") + 2:].split()
+        return fields[0].decode(), int(fields[19])
+    except (ValueError, IndexError):
+        return None
+
+
+def process_start_time(pid: int) -> int | None:
+    found = _proc_stat(pid)
+    return found[1] if found else None
+
+
+def _locked(path: Path) -> bool:
+    """Whether a worker holds the attempt's lock file (it does for its whole life)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the lock if we got it
+    return False
+
+
+def _alive(child: ChildRef) -> bool:
+    """The same process (pid *and* start time) still exists and has not ended."""
+    found = _proc_stat(child.pid)
+    return found is not None and found[1] == child.start_time and found[0] not in ("Z", "X")
+
+
+# ----------------------------------------------------------------- cgroups
+
+
+@dataclass(frozen=True)
+class _Hierarchy:
+    version: int  # 1 or 2
+    own: Path  # the agent's own cgroup directory in this hierarchy
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _inside(path: str, root: str) -> str | None:
+    if path == root:
+        return "."
+    if root == "/":
+        return path.lstrip("/")
+    if path.startswith(root.rstrip("/") + "/"):
+        return path[len(root.rstrip("/")) + 1:]
+    return None
+
+
+def detect_cgroups() -> dict[str, _Hierarchy]:
+    """Where the agent's own memory and cpu cgroups are (v1 preferred per controller,
+    as a hybrid system mounts each controller in one hierarchy only)."""
+    v1_mounts: dict[str, tuple[str, str]] = {}
+    v2_mount: tuple[str, str] | None = None
+    try:
+        mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+        membership = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return {}
+    for line in mountinfo:
+        left, sep, right = line.partition(" - ")
+        lf, rf = left.split(), right.split()
+        if not sep or len(lf) < 5 or len(rf) < 3:
+            continue
+        root, mountpoint = _unescape(lf[3]), _unescape(lf[4])
+        if rf[0] == "cgroup":
+            for ctrl in set(rf[2].split(",")) & set(_CONTROLLERS):
+                v1_mounts.setdefault(ctrl, (mountpoint, root))
+        elif rf[0] == "cgroup2" and v2_mount is None:
+            v2_mount = (mountpoint, root)
+    v1_paths: dict[str, str] = {}
+    v2_path: str | None = None
+    for line in membership:
+        hid, _, rest = line.partition(":")
+        ctrls, _, path = rest.partition(":")
+        if hid == "0" and ctrls == "":
+            v2_path = path
+        for ctrl in ctrls.split(","):
+            v1_paths[ctrl] = path
+    found: dict[str, _Hierarchy] = {}
+    for ctrl in _CONTROLLERS:
+        if ctrl in v1_mounts and ctrl in v1_paths:
+            mountpoint, root = v1_mounts[ctrl]
+            rel = _inside(v1_paths[ctrl], root)
+            if rel is not None:
+                found[ctrl] = _Hierarchy(1, Path(mountpoint) / rel)
+        elif v2_mount is not None and v2_path is not None:
+            rel = _inside(v2_path, v2_mount[1])
+            if rel is None:
+                continue
+            own = Path(v2_mount[0]) / rel
+            try:
+                available = (own / "cgroup.controllers").read_text().split()
+            except OSError:
+                continue
+            if ctrl in available:
+                found[ctrl] = _Hierarchy(2, own)
+    return found
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(value)
+
+
+def _enable_v2(directory: Path, ctrl: str) -> None:
+    if ctrl not in (directory / "cgroup.subtree_control").read_text().split():
+        _write(directory / "cgroup.subtree_control", f"+{ctrl}")
+
+
+def _oom_kills(leaf: Path, version: int) -> int | None:
+    name = "memory.oom_control" if version == 1 else "memory.events"
+    try:
+        lines = (leaf / name).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            with contextlib.suppress(ValueError):
+                return int(value)
+    return None
+
+
+# ------------------------------------------------------------------ runner
+
+
+@dataclass
+class _Limits:
+    cgroup_procs: list[str]
+    rlimit_as: int | None
+    memory_cgroup: bool
+
+
+class OpRunner:
+    """Starts operation workers, waits for them, and re-attaches after a restart.
+
+    ``work_dir`` holds one directory per attempt (kept until :meth:`forget`);
+    ``use_cgroups=False`` forces the ``RLIMIT_AS`` fallback.
+    """
+
+    def __init__(self, work_dir: Path, storebase: Path, *, use_cgroups: bool = True,
+                 poll_interval: float = 0.25, python: str | None = None) -> None:
+        self.work_dir = work_dir
+        self.storebase = storebase
+        self.use_cgroups = use_cgroups
+        self.poll_interval = poll_interval
+        self.python = python or sys.executable
+        self.namespace = hashlib.sha256(
+            os.fsencode(os.path.abspath(work_dir))).hexdigest()[:10]
+        self._hierarchies: dict[str, _Hierarchy] | None = None
+        self._procs: dict[tuple[str, int], subprocess.Popen[bytes]] = {}
+        self._killed: set[tuple[str, int]] = set()
+        self._warned: set[str] = set()
+
+    # --------------------------------------------------------------- naming
+
+    @staticmethod
+    def _job_name(spec: JobSpec) -> str:
+        job = spec.job if _SAFE_NAME.fullmatch(spec.job) and spec.job[0] != "." else \
+            hashlib.sha256(spec.job.encode()).hexdigest()[:32]
+        return f"{job}.{spec.attempt}"
+
+    def op_dir(self, spec: JobSpec) -> Path:
+        return self.work_dir / self._job_name(spec)
+
+    def _leaf_name(self, spec: JobSpec) -> str:
+        return f"{self.namespace}-{self._job_name(spec)}"
+
+    def hierarchies(self) -> dict[str, _Hierarchy]:
+        if self._hierarchies is None:
+            self._hierarchies = detect_cgroups() if self.use_cgroups else {}
+        return self._hierarchies
+
+    def cgroup_dir(self, spec: JobSpec, ctrl: str) -> Path | None:
+        """Where an op's cgroup for ``ctrl`` ("memory" or "cpu") is, if cgroups are used."""
+        h = self.hierarchies().get(ctrl)
+        return h.own / CGROUP_PARENT / self._leaf_name(spec) if h else None
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
+
+    # ------------------------------------------------------------------ API
+
+    async def run(self, spec: JobSpec, *, child: ChildRef | None = None,
+                  on_started: Callable[[ChildRef], None] | None = None) -> OpResult:
+        """Run ``spec.op`` to its end (or resume it) and return what happened.
+
+        ``child`` is the worker recorded before a restart, if any: its result is
+        reported when it exists, a live worker is waited for, and otherwise the
+        operation runs again.  ``on_started`` gets a new worker's :class:`ChildRef`
+        before anything is awaited, to be persisted.  Raises ``OSError`` when the
+        worker cannot be started at all.  Cancelling leaves the worker running.
+        """
+        if spec.op is None:
+            raise ValueError(f"{spec.name} is not a built-in operation")
+        work = self.op_dir(spec)
+        work.mkdir(parents=True, exist_ok=True)
+        result = self._read_result(work)
+        if result is None and child is not None:
+            if _alive(child):
+                log.info("re-attached to operation worker jid=%s name=%s pid=%s", spec.jid,
+                         spec.name, child.pid)
+                await self._wait_foreign(child)
+                result = self._read_result(work)
+            if result is None and (spec.job, spec.attempt) in self._killed:
+                result = _KILLED
+            if result is None and self._oom_evidence(spec):
+                result = self._oom_result(spec)
+            if result is None:
+                log.warning("operation worker ended without a result, running it again "
+                            "jid=%s name=%s pid=%s", spec.jid, spec.name, child.pid)
+        if result is None and _locked(work / LOCK_FILE):
+            # a worker started just before a crash, before its pid was recorded
+            log.warning("an unrecorded operation worker is running, waiting for it jid=%s "
+                        "name=%s", spec.jid, spec.name)
+            delay = 0.01
+            while _locked(work / LOCK_FILE):
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, self.poll_interval)
+            result = self._read_result(work)
+        if result is not None:
+            await self._remove_cgroups(spec)
+            return result
+        return await self._start_and_wait(spec, work, on_started)
+
+    def kill(self, spec: JobSpec, child: ChildRef | None = None) -> None:
+        """Kill the worker of an attempt (ours, or the recorded one if still the same)."""
+        key = (spec.job, spec.attempt)
+        self._killed.add(key)
+        proc = self._procs.get(key)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            elif child is not None and _alive(child):
+                os.kill(child.pid, signal.SIGKILL)
+            else:
+                return
+            log.info("killed operation worker jid=%s name=%s", spec.jid, spec.name)
+
+    def forget(self, spec: JobSpec) -> None:
+        """Drop an attempt's files once its final event is safely in the outbox."""
+        self._killed.discard((spec.job, spec.attempt))
+        shutil.rmtree(self.op_dir(spec), ignore_errors=True)
+
+    def prune(self, keep: Iterable[JobSpec]) -> None:
+        """Remove work dirs and empty cgroups of attempts that are no longer tracked."""
+        names = {self._job_name(s) for s in keep}
+        with contextlib.suppress(FileNotFoundError):
+            for path in self.work_dir.iterdir():
+                if path.name not in names and path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+        leaves = {f"{self.namespace}-{n}" for n in names}
+        for h in self.hierarchies().values():
+            with contextlib.suppress(OSError):
+                for path in (h.own / CGROUP_PARENT).iterdir():
+                    if (path.name.startswith(f"{self.namespace}-") and path.name not in leaves
+                            and path.is_dir()):
+                        with contextlib.suppress(OSError):
+                            path.rmdir()
+
+    def describe_limits(self) -> str:
+        h = self.hierarchies()
+        memory = f"cgroup v{h['memory'].version}" if "memory" in h else \
+            f"RLIMIT_AS (floor {RLIMIT_FLOOR_MIB} MiB)"
+        cpu = f"cgroup v{h['cpu'].version}" if "cpu" in h else "none"
+        return f"memory={memory} cpu={cpu}"
+
+    # ------------------------------------------------------------- internals
+
+    async def _start_and_wait(self, spec: JobSpec, work: Path,
+                              on_started: Callable[[ChildRef], None] | None) -> OpResult:
+        key = (spec.job, spec.attempt)
+        if key in self._killed:
+            return _KILLED  # killed before it even started
+        for name in ("result.json", "result.json.tmp", "stderr.log"):
+            (work / name).unlink(missing_ok=True)
+        await self._remove_cgroups(spec)  # fresh counters: a leftover may hold old OOM kills
+        limits = self._prepare_limits(spec)
+        proc = self._launch(spec, work, limits)
+        self._procs[key] = proc
+        self._attach(proc.pid, limits)
+        ref = ChildRef(proc.pid, process_start_time(proc.pid) or 0)
+        log.info("operation started jid=%s name=%s pid=%s cpu=%sm memory=%sMiB limits=%s",
+                 spec.jid, spec.name, proc.pid, spec.cpu_limit, spec.memory_limit,
+                 "cgroup" if limits.memory_cgroup else "rlimit")
+        try:
+            if on_started is not None:
+                on_started(ref)
+        except BaseException:
+            self.kill(spec)
+            raise
+        delay = 0.01
+        while (code := proc.poll()) is None:
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, self.poll_interval)
+        self._procs.pop(key, None)
+        result = self._read_result(work) or self._from_exit(spec, work, code, limits)
+        await self._remove_cgroups(spec)
+        return result
+
+    def _launch(self, spec: JobSpec, work: Path, limits: _Limits) -> subprocess.Popen[bytes]:
+        """Write the request and start the worker in its own session (fast, no waiting)."""
+        request = {"op": spec.op, "storebase": os.fspath(self.storebase), "jid": spec.jid,
+                   "job": spec.job, "attempt": spec.attempt,
+                   "lock": os.fspath(work / LOCK_FILE),
+                   "limits": {"cgroup_procs": limits.cgroup_procs,
+                              "rlimit_as": limits.rlimit_as}}
+        request_path = work / "request.json"
+        fd = os.open(request_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(request, fh)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH"))
+                                            if p)
+        if limits.rlimit_as:
+            env["MALLOC_ARENA_MAX"] = "2"  # malloc arenas reserve address space per thread
+        with open(work / "stderr.log", "wb") as err:
+            return subprocess.Popen(
+                [self.python, "-m", "agent.op_worker", os.fspath(request_path),
+                 os.fspath(work / "result.json")],
+                stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env,
+                start_new_session=True, close_fds=True)
+
+    def _prepare_limits(self, spec: JobSpec) -> _Limits:
+        """Create the op's cgroups (best effort) and say how it will be limited."""
+        hierarchies = self.hierarchies()
+        memory_bytes = max(1, spec.memory_limit) * MIB
+        procs: list[str] = []
+        memory_cgroup = False
+        if "memory" in hierarchies:
+            try:
+                leaf = self._make_leaf(hierarchies["memory"], spec, "memory")
+                if hierarchies["memory"].version == 1:
+                    memsw = leaf / "memory.memsw.limit_in_bytes"
+                    if memsw.exists():
+                        with contextlib.suppress(OSError):
+                            _write(memsw, "-1")
+                    _write(leaf / "memory.limit_in_bytes", str(memory_bytes))
+                    if memsw.exists():
+                        with contextlib.suppress(OSError):
+                            _write(memsw, str(memory_bytes))
+                else:
+                    _write(leaf / "memory.max", str(memory_bytes))
+                    with contextlib.suppress(OSError):
+                        _write(leaf / "memory.swap.max", "0")
+                procs.append(os.fspath(leaf / "cgroup.procs"))
+                memory_cgroup = True
+            except OSError as exc:
+                self._warn_once("memory", "no memory cgroup for operations, using RLIMIT_AS "
+                                "error=%s", exc)
+        else:
+            self._warn_once("memory", "no usable memory cgroup for operations, using "
+                            "RLIMIT_AS (floor %s MiB)", RLIMIT_FLOOR_MIB)
+        if "cpu" in hierarchies:
+            try:
+                leaf = self._make_leaf(hierarchies["cpu"], spec, "cpu")
+                quota = max(MIN_CPU_QUOTA_US, spec.cpu_limit * CPU_PERIOD_US // 1000)
+                if hierarchies["cpu"].version == 1:
+                    _write(leaf / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+                    _write(leaf / "cpu.cfs_quota_us", str(quota))
+                else:
+                    _write(leaf / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+                if os.fspath(leaf / "cgroup.procs") not in procs:
+                    procs.append(os.fspath(leaf / "cgroup.procs"))
+            except OSError as exc:
+                self._warn_once("cpu", "no cpu cgroup for operations, they run without a "
+                                "CPU limit error=%s", exc)
+        else:
+            self._warn_once("cpu", "no usable cpu cgroup, operations run without a CPU limit")
+        rlimit = None if memory_cgroup else max(spec.memory_limit, RLIMIT_FLOOR_MIB) * MIB
+        return _Limits(procs, rlimit, memory_cgroup)
+
+    def _make_leaf(self, h: _Hierarchy, spec: JobSpec, ctrl: str) -> Path:
+        parent = h.own / CGROUP_PARENT
+        if h.version == 2:
+            _enable_v2(h.own, ctrl)
+        parent.mkdir(exist_ok=True)
+        if h.version == 2:
+            _enable_v2(parent, ctrl)
+        leaf = parent / self._leaf_name(spec)
+        leaf.mkdir(exist_ok=True)
+        return leaf
+
+    def _attach(self, pid: int, limits: _Limits) -> None:
+        """Put a fresh worker under its limits at once (it also does so itself)."""
+        for procs in limits.cgroup_procs:
+            try:
+                _write(Path(procs), str(pid))
+            except ProcessLookupError:
+                return  # already gone
+            except OSError as exc:
+                log.warning("could not move operation worker into its cgroup pid=%s "
+                            "error=%s", pid, exc)
+        if limits.rlimit_as:
+            with contextlib.suppress(OSError, ValueError):
+                resource.prlimit(pid, resource.RLIMIT_AS, (limits.rlimit_as, limits.rlimit_as))
+
+    async def _wait_foreign(self, child: ChildRef) -> None:
+        """Wait for a worker that is not our child (started before a restart)."""
+        delay = 0.01
+        while _alive(child):
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, self.poll_interval)
+
+    @staticmethod
+    def _read_result(work: Path) -> OpResult | None:
+        try:
+            data = json.loads((work / "result.json").read_text())
+            return OpResult(int(data["exit_code"]), str(data.get("log", "")),
+                            str(data.get("message", "")), bool(data.get("oom", False)))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _oom_evidence(self, spec: JobSpec) -> bool:
+        h = self.hierarchies().get("memory")
+        leaf = self.cgroup_dir(spec, "memory")
+        if h is None or leaf is None:
+            return False
+        return (_oom_kills(leaf, h.version) or 0) > 0
+
+    @staticmethod
+    def _oom_result(spec: JobSpec) -> OpResult:
+        return OpResult(OOM_EXIT_CODE, f"the operation exceeded its memory limit of "
+                        f"{spec.memory_limit} MiB and was killed\n", "OOMKilled", True)
+
+    def _from_exit(self, spec: JobSpec, work: Path, code: int, limits: _Limits) -> OpResult:
+        """What happened to a worker that ended without writing a result."""
+        try:
+            with open(work / "stderr.log", "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - STDERR_TAIL_BYTES))
+                tail = fh.read().decode("utf-8", "replace")
+        except OSError:
+            tail = ""
+        last = tail.strip().splitlines()[-1] if tail.strip() else ""
+        if (spec.job, spec.attempt) in self._killed:
+            return OpResult(_KILLED.exit_code, tail, _KILLED.message)
+        if code == -signal.SIGKILL and limits.memory_cgroup:
+            h = self.hierarchies()["memory"]
+            leaf = self.cgroup_dir(spec, "memory")
+            kills = _oom_kills(leaf, h.version) if leaf is not None else None
+            if kills is None or kills > 0:
+                return self._oom_result(spec)
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return OpResult(128 - code, tail, f"operation worker killed by {name}")
+        return OpResult(code or 1, tail, f"operation worker crashed (exit {code})"
+                        + (f": {last[:300]}" if last else ""))
+
+    async def _remove_cgroups(self, spec: JobSpec) -> None:
+        leaves = {d for c in _CONTROLLERS if (d := self.cgroup_dir(spec, c)) is not None}
+        for leaf in leaves:
+            for _ in range(RMDIR_TRIES):
+                try:
+                    leaf.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    await asyncio.sleep(0.05)  # the dead worker is still leaving it
+            else:
+                log.warning("could not remove cgroup of operation jid=%s name=%s path=%s",
+                            spec.jid, spec.name, leaf)

@@ -46,6 +46,7 @@ class Agent:
         self.supervisor = Supervisor(self.runtime, self.outbox, config.state_dir,
                                      config.storebase_mount, poll_interval=config.poll_interval,
                                      remove_jobs=config.remove_jobs)
+        self.supervisor.op_runner.enforce_limits = not config.ignore_limits
         self.link = Link(config.controller_url, config.token, self.outbox,
                          LinkCallbacks(hello=self.hello, heartbeat=self.heartbeat,
                                        inventory=self.supervisor.inventory,

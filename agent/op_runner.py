@@ -230,6 +230,32 @@ def _enable_v2(directory: Path, ctrl: str) -> None:
         _write(directory / "cgroup.subtree_control", f"+{ctrl}")
 
 
+def _set_memory(leaf: Path, version: int, limit: int) -> None:
+    """A hard memory limit, swap included where the kernel accounts it."""
+    if version == 1:
+        memsw = leaf / "memory.memsw.limit_in_bytes"
+        if memsw.exists():  # lift it first: it may never be below the memory limit
+            with contextlib.suppress(OSError):
+                _write(memsw, "-1")
+        _write(leaf / "memory.limit_in_bytes", str(limit))
+        if memsw.exists():
+            with contextlib.suppress(OSError):
+                _write(memsw, str(limit))
+    else:
+        _write(leaf / "memory.max", str(limit))
+        with contextlib.suppress(OSError):
+            _write(leaf / "memory.swap.max", "0")
+
+
+def _set_cpu(leaf: Path, version: int, millicores: int) -> None:
+    quota = max(MIN_CPU_QUOTA_US, millicores * CPU_PERIOD_US // 1000)
+    if version == 1:
+        _write(leaf / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+        _write(leaf / "cpu.cfs_quota_us", str(quota))
+    else:
+        _write(leaf / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+
+
 def _oom_kills(leaf: Path, version: int) -> int | None:
     name = "memory.oom_control" if version == 1 else "memory.events"
     try:
@@ -258,14 +284,17 @@ class OpRunner:
     """Starts operation workers, waits for them, and re-attaches after a restart.
 
     ``work_dir`` holds one directory per attempt (kept until :meth:`forget`);
-    ``use_cgroups=False`` forces the ``RLIMIT_AS`` fallback.
+    ``use_cgroups=False`` forces the ``RLIMIT_AS`` fallback; ``enforce_limits=False``
+    runs operations unlimited (the agent's ``IGNORE_LIMITS``).
     """
 
     def __init__(self, work_dir: Path, storebase: Path, *, use_cgroups: bool = True,
-                 poll_interval: float = 0.25, python: str | None = None) -> None:
+                 enforce_limits: bool = True, poll_interval: float = 0.25,
+                 python: str | None = None) -> None:
         self.work_dir = work_dir
         self.storebase = storebase
         self.use_cgroups = use_cgroups
+        self.enforce_limits = enforce_limits
         self.poll_interval = poll_interval
         self.python = python or sys.executable
         self.namespace = hashlib.sha256(
@@ -384,6 +413,8 @@ class OpRunner:
                             path.rmdir()
 
     def describe_limits(self) -> str:
+        if not self.enforce_limits:
+            return "memory=none cpu=none (limits ignored)"
         h = self.hierarchies()
         memory = f"cgroup v{h['memory'].version}" if "memory" in h else \
             f"RLIMIT_AS (floor {RLIMIT_FLOOR_MIB} MiB)"
@@ -447,52 +478,40 @@ class OpRunner:
                 start_new_session=True, close_fds=True)
 
     def _prepare_limits(self, spec: JobSpec) -> _Limits:
-        """Create the op's cgroups (best effort) and say how it will be limited."""
+        """Create the op's cgroups (best effort) and say how it will be limited.
+
+        A limit of 0 (or less) means none, as for containers."""
+        if not self.enforce_limits:
+            return _Limits([], None, False)
         hierarchies = self.hierarchies()
-        memory_bytes = max(1, spec.memory_limit) * MIB
         procs: list[str] = []
         memory_cgroup = False
-        if "memory" in hierarchies:
+        if spec.memory_limit > 0 and "memory" in hierarchies:
             try:
                 leaf = self._make_leaf(hierarchies["memory"], spec, "memory")
-                if hierarchies["memory"].version == 1:
-                    memsw = leaf / "memory.memsw.limit_in_bytes"
-                    if memsw.exists():
-                        with contextlib.suppress(OSError):
-                            _write(memsw, "-1")
-                    _write(leaf / "memory.limit_in_bytes", str(memory_bytes))
-                    if memsw.exists():
-                        with contextlib.suppress(OSError):
-                            _write(memsw, str(memory_bytes))
-                else:
-                    _write(leaf / "memory.max", str(memory_bytes))
-                    with contextlib.suppress(OSError):
-                        _write(leaf / "memory.swap.max", "0")
+                _set_memory(leaf, hierarchies["memory"].version, spec.memory_limit * MIB)
                 procs.append(os.fspath(leaf / "cgroup.procs"))
                 memory_cgroup = True
             except OSError as exc:
                 self._warn_once("memory", "no memory cgroup for operations, using RLIMIT_AS "
-                                "error=%s", exc)
-        else:
+                                "(floor %s MiB) error=%s", RLIMIT_FLOOR_MIB, exc)
+        elif spec.memory_limit > 0:
             self._warn_once("memory", "no usable memory cgroup for operations, using "
                             "RLIMIT_AS (floor %s MiB)", RLIMIT_FLOOR_MIB)
-        if "cpu" in hierarchies:
+        if spec.cpu_limit > 0 and "cpu" in hierarchies:
             try:
                 leaf = self._make_leaf(hierarchies["cpu"], spec, "cpu")
-                quota = max(MIN_CPU_QUOTA_US, spec.cpu_limit * CPU_PERIOD_US // 1000)
-                if hierarchies["cpu"].version == 1:
-                    _write(leaf / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-                    _write(leaf / "cpu.cfs_quota_us", str(quota))
-                else:
-                    _write(leaf / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+                _set_cpu(leaf, hierarchies["cpu"].version, spec.cpu_limit)
                 if os.fspath(leaf / "cgroup.procs") not in procs:
                     procs.append(os.fspath(leaf / "cgroup.procs"))
             except OSError as exc:
                 self._warn_once("cpu", "no cpu cgroup for operations, they run without a "
                                 "CPU limit error=%s", exc)
-        else:
+        elif spec.cpu_limit > 0:
             self._warn_once("cpu", "no usable cpu cgroup, operations run without a CPU limit")
-        rlimit = None if memory_cgroup else max(spec.memory_limit, RLIMIT_FLOOR_MIB) * MIB
+        rlimit = None
+        if spec.memory_limit > 0 and not memory_cgroup:
+            rlimit = max(spec.memory_limit, RLIMIT_FLOOR_MIB) * MIB
         return _Limits(procs, rlimit, memory_cgroup)
 
     def _make_leaf(self, h: _Hierarchy, spec: JobSpec, ctrl: str) -> Path:

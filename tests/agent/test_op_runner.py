@@ -247,6 +247,23 @@ async def test_without_cgroups_the_address_space_is_limited(tmp_path: Path, sb: 
     assert result.exit_code == 0, result
 
 
+@pytest.mark.parametrize(("enforce", "memory", "cpu"), [(False, 300, 1000), (True, 0, 0)])
+async def test_ignored_or_zero_limits_leave_the_worker_unlimited(
+        tmp_path: Path, sb: Path, pids: Pids, enforce: bool, memory: int, cpu: int) -> None:
+    runner = OpRunner(tmp_path / "ops", sb, enforce_limits=enforce, poll_interval=0.05)
+    seen: list[ChildRef] = []
+    task = asyncio.create_task(runner.run(copy_spec(memory=memory, cpu=cpu),
+                                          on_started=freeze(pids, seen)))
+    await until(lambda: seen, "the worker to start")
+    limits = proc_file(seen[0].pid, "limits").splitlines()
+    line = next(x for x in limits if x.startswith("Max address space"))
+    assert line.split()[3:5] == ["unlimited", "unlimited"]
+    assert "/pfleet/" not in proc_file(seen[0].pid, "cgroup")
+    os.kill(seen[0].pid, signal.SIGCONT)
+    result = await asyncio.wait_for(task, WAIT)
+    assert result.exit_code == 0, result
+
+
 async def test_a_failing_operation_reports_its_message(runner: OpRunner, sb: Path) -> None:
     (sb / DATA / "evil.chrislink").write_text("home/alice")
     result = await asyncio.wait_for(runner.run(copy_spec()), WAIT)

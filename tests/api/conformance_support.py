@@ -129,7 +129,7 @@ async def get_status(s: aiohttp.ClientSession, h: Harness, jid: str,
 
 async def wait_status(s: aiohttp.ClientSession, h: Harness, jid: str,
                       statuses: Sequence[str] = TERMINAL, collection: str = "pluginjobs",
-                      within: float = 5.0) -> dict[str, Any]:
+                      within: float = 30.0) -> dict[str, Any]:
     """Poll the status until it is one of ``statuses``; return the compute object."""
     deadline = time.monotonic() + within
     body: Any = None

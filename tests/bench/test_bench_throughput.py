@@ -3,8 +3,9 @@ bare ``docker run --rm busybox true`` 8 at a time.
 
 pfleet, per job (as CUBE does it through python-pfconclient): POST pluginjobs/ with a
 tiny zip, poll its status every 0.2 s until it finished, POST deletejobs/, poll that
-every 0.2 s, DELETE both jobs.  Baseline: the docker CLI in 8 threads.  The baseline
-runs before and after pfleet; the ratio uses their mean (both are printed).
+every 0.2 s, DELETE both jobs.  Baseline: the docker CLI in 8 threads.  The two sides
+run in A-B-B-A blocks of half the jobs (docker, pfleet, pfleet, docker); each side's
+wall time is the sum of its two blocks.
 """
 
 from __future__ import annotations
@@ -138,6 +139,19 @@ def pfleet_run(deployment: BenchDeployment, count: int, prefix: str) -> tuple[Ru
     return run, phases
 
 
+def _total(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else sum(v or 0.0 for v in values)
+
+
+def merge(runs: list[Run]) -> Run:
+    return Run(
+        wall_s=sum(r.wall_s for r in runs),
+        per_job_s=[t for r in runs for t in r.per_job_s],
+        controller_cpu_s=_total([r.controller_cpu_s for r in runs]),
+        engine_cpu_s=_total([r.engine_cpu_s for r in runs]),
+    )
+
+
 @pytest.mark.bench
 @pytest.mark.timeout(900)
 def test_jobs_end_to_end_throughput(bench_deployment, bench_engine: Engine) -> None:
@@ -145,10 +159,16 @@ def test_jobs_end_to_end_throughput(bench_deployment, bench_engine: Engine) -> N
     docker_baseline(bench_engine, WARMUP, "tp-warm-docker")
     pfleet_run(deployment, WARMUP, "tp-warm")
 
-    before = docker_baseline(bench_engine, JOBS, "tp-docker-a")
-    pfleet, phases = pfleet_run(deployment, JOBS, "tp")
-    after = docker_baseline(bench_engine, JOBS, "tp-docker-b")
-    baseline_wall = (before.wall_s + after.wall_s) / 2
+    # A-B-B-A blocks of half the jobs each, so a drift of the machine's speed during
+    # the run weighs on both sides alike.
+    half = JOBS // 2
+    docker_a = docker_baseline(bench_engine, half, "tp-docker-a")
+    pfleet_a, phases_a = pfleet_run(deployment, half, "tp-a")
+    pfleet_b, phases_b = pfleet_run(deployment, JOBS - half, "tp-b")
+    docker_b = docker_baseline(bench_engine, JOBS - half, "tp-docker-b")
+    pfleet, phases = merge([pfleet_a, pfleet_b]), phases_a + phases_b
+    docker = merge([docker_a, docker_b])
+    baseline_wall = docker.wall_s
 
     report = Report(4, f"{JOBS} jobs 'true' (busybox) end to end, concurrency {CONCURRENCY}")
     report.add(f"wall time for {JOBS} jobs (s)", pfleet.wall_s, baseline_wall, "docker run --rm",
@@ -157,10 +177,10 @@ def test_jobs_end_to_end_throughput(bench_deployment, bench_engine: Engine) -> N
     report.add("jobs per second", JOBS / pfleet.wall_s, JOBS / baseline_wall, "docker run --rm",
                fmt="{:.2f}")  # fmt: skip
     report.add("per job median (s)", median(pfleet.per_job_s),
-               median(before.per_job_s + after.per_job_s), "docker run --rm",
+               median(docker.per_job_s), "docker run --rm",
                fmt="{:.2f}")  # fmt: skip
     report.add("per job p90 (s)", percentile(pfleet.per_job_s, 90),
-               percentile(before.per_job_s + after.per_job_s, 90), "docker run --rm",
+               percentile(docker.per_job_s, 90), "docker run --rm",
                fmt="{:.2f}")  # fmt: skip
     report.add("  submit POST -> 201, median (ms)", 1000 * median([p.submit for p in phases]))
     report.add("  201 -> seen finished, median (ms)",
@@ -170,16 +190,18 @@ def test_jobs_end_to_end_throughput(bench_deployment, bench_engine: Engine) -> N
                fmt="{:.2f}")  # fmt: skip
     if pfleet.controller_cpu_s is not None:
         report.add("controller CPU (s)", pfleet.controller_cpu_s, fmt="{:.2f}")
-    if pfleet.engine_cpu_s is not None and before.engine_cpu_s is not None:
-        report.add("dockerd CPU (s)", pfleet.engine_cpu_s, before.engine_cpu_s, "docker run --rm",
+    if pfleet.engine_cpu_s is not None and docker.engine_cpu_s is not None:
+        report.add("dockerd CPU (s)", pfleet.engine_cpu_s, docker.engine_cpu_s, "docker run --rm",
                    fmt="{:.2f}")  # fmt: skip
-    report.note(f"baseline wall: {before.wall_s:.2f} s before pfleet, {after.wall_s:.2f} s "
-                f"after; pfcon reference ratio {PFCON_RATIO:.2f}x")  # fmt: skip
+    report.note(f"blocks of {half} jobs, docker/pfleet/pfleet/docker: {docker_a.wall_s:.1f} / "
+                f"{pfleet_a.wall_s:.1f} / {pfleet_b.wall_s:.1f} / {docker_b.wall_s:.1f} s; "
+                f"pfcon reference ratio {PFCON_RATIO:.2f}x")  # fmt: skip
     report.note(f"pfleet: cpu_limit 1000, memory_limit 64, status polled every {POLL} s "
                 "(a poll's wait adds up to 0.2 s per job and per delete job)")  # fmt: skip
     report.extra = {
         "pfleet_wall_s": pfleet.wall_s,
-        "docker_wall_s": [before.wall_s, after.wall_s],
+        "docker_wall_s": docker.wall_s,
+        "blocks_s": [docker_a.wall_s, pfleet_a.wall_s, pfleet_b.wall_s, docker_b.wall_s],
         "controller_cpu_s": pfleet.controller_cpu_s,
     }
     publish(report)

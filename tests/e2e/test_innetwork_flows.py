@@ -166,29 +166,52 @@ def test_swift_flow(docker_engine: Engine, swift_service, deployment_factory) ->
     cleanup_sequence(client, jid, d.storebase, copy=True, upload=True)
 
 
-def test_cli_in_network_ignores_its_data_file_part(docker_engine: Engine,
-                                                   deployment_factory) -> None:
-    d = deployment_factory(docker_engine, extra_env=innetwork_env("fslink"))
+@pytest.mark.parametrize("storage", ["fslink", "filesystem", "swift"])
+def test_command_line_client_in_network(storage: str, docker_engine: Engine, swift_service,
+                                        deployment_factory) -> None:
+    """The CLI always adds a data_file part ("1000"): in-network modes ignore it."""
+    env = innetwork_env(storage)
+    if storage == "swift":
+        env |= {"SWIFT_AUTH_URL": swift_service.auth_url, "SWIFT_USERNAME": swift_service.user,
+                "SWIFT_KEY": swift_service.key, "SWIFT_CONTAINER_NAME": "cli"}
+    d = deployment_factory(docker_engine, extra_env=env)
     cube_tree(d.storebase)
-    out = "home/alice/feeds/feed_2/pl-app_15/data"
+    if storage == "swift":
+        swift_service.connection().put_object("cli", "home/alice/uploads/study/a.txt", b"a\n")
+    out = f"home/alice/feeds/feed_2/pl-app_{storage}/data"
     (d.storebase / out).mkdir(parents=True)
     base = d.controller.base
     token = pfc.Client.get_auth_token(base + "auth-token/", "pfcon", "pfcon1234")
     cli = [sys.executable, "-m", "pfconclient", base, "-a", token]
+    jid = f"cli-{storage}"
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*cli, *args], capture_output=True, text=True, timeout=120)
+        result = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result
 
-    copy = run("submit", "--job_type", "copy", "--jid", "cli-15", "--input_dirs",
-               "home/alice/uploads/study", "--output_dir", out)
-    assert copy.returncode == 0, copy.stdout + copy.stderr
-    assert run("poll", "--job_type", "copy", "--jid", "cli-15").returncode == 0
-    plugin = run("submit", "--job_type", "plugin", "--jid", "cli-15", "--entrypoint", "ls",
-                 "--args", "/share/incoming", "--auid", "cube", "--number_of_workers", "1",
-                 "--cpu_limit", "1000", "--memory_limit", "200", "--gpu_limit", "0",
-                 "--image", BUSYBOX_IMAGE, "--type", "fs", "--input_dirs",
-                 "home/alice/uploads/study", "--output_dir", out)
-    assert plugin.returncode == 0, plugin.stdout + plugin.stderr
-    assert run("poll", "--job_type", "plugin", "--jid", "cli-15").returncode == 0
-    status = run("status", "--job_type", "plugin", "--jid", "cli-15")
-    assert "Job cli-15 status: finishedSuccessfully" in status.stdout
+    if storage != "filesystem":
+        run("submit", "--job_type", "copy", "--jid", jid, "--input_dirs",
+            "home/alice/uploads/study", "--output_dir", out)
+        assert f"Job {jid} status: finishedSuccessfully" in run(
+            "poll", "--job_type", "copy", "--jid", jid).stdout + run(
+            "status", "--job_type", "copy", "--jid", jid).stdout
+    run("submit", "--job_type", "plugin", "--jid", jid, "--entrypoint", "ls",
+        "--args", "/share/incoming", "--auid", "cube", "--number_of_workers", "1",
+        "--cpu_limit", "1000", "--memory_limit", "200", "--gpu_limit", "0",
+        "--image", BUSYBOX_IMAGE, "--type", "fs", "--input_dirs",
+        "home/alice/uploads/study", "--output_dir", out)
+    run("poll", "--job_type", "plugin", "--jid", jid)
+    status = run("status", "--job_type", "plugin", "--jid", jid)
+    assert f"Job {jid} status: finishedSuccessfully" in status.stdout
+    if storage == "swift":
+        run("submit", "--job_type", "upload", "--jid", jid, "--job_output_path", out)
+        run("poll", "--job_type", "upload", "--jid", jid)
+    deleted = run("submit", "--job_type", "delete", "--jid", jid)
+    if storage == "filesystem":  # no key dir in this mode: skipped, nothing to poll
+        assert "deleteSkipped" in deleted.stdout
+    else:
+        run("poll", "--job_type", "delete", "--jid", jid)
+        assert not (d.storebase / f"key-{jid}").exists()
+    for job_type in ("copy", "plugin", "upload", "delete"):
+        assert f"Deleted job {jid}" in run("delete", "--job_type", job_type, "--jid", jid).stdout

@@ -3,6 +3,10 @@
     pfleet token create NAME     print a new agent token for NAME
     pfleet token revoke NAME     revoke every token of NAME (and drop its link)
     pfleet agents                the fleet as a table (state, how found, load)
+    pfleet agents drain NAME [--deadline SECONDS]
+                                 no new work on NAME; with a deadline, wait until its
+                                 jobs have ended (exit 1 if they have not by then)
+    pfleet agents undrain NAME   place work on NAME again
     pfleet jobs [--limit N]      recent jobs with their state
 
 Credentials are pfcon's (``PFCON_USER``/``PFCON_PASSWORD``; the dev pair when unset);
@@ -16,6 +20,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -95,6 +100,24 @@ def _agents_rows(agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _drain(client: AdminClient, name: str, deadline: float | None) -> int:
+    result = client.post(f"agents/{name}/drain/", {})
+    active = int(result["active_jobs"])
+    print(f"{name}: draining, {active} job(s) still active")
+    if deadline is None:
+        return 0
+    end = time.monotonic() + deadline
+    while active and time.monotonic() < end:
+        time.sleep(min(2.0, max(0.1, end - time.monotonic())))
+        agents = {a["name"]: a for a in client.get("agents/")["agents"]}
+        active = int(agents.get(name, {}).get("active_jobs", 0))
+    if active:
+        print(f"{name}: deadline reached with {active} job(s) still active", file=sys.stderr)
+        return 1
+    print(f"{name}: drained")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pfleet", description="pfleet fleet administration")
     parser.add_argument("--url", default=os.environ.get("PFLEET_URL", DEFAULT_URL))
@@ -106,7 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     token_sub = token.add_subparsers(dest="token_command", required=True)
     token_sub.add_parser("create", help="print a new token for an agent").add_argument("name")
     token_sub.add_parser("revoke", help="revoke an agent's tokens").add_argument("name")
-    sub.add_parser("agents", help="list agents with their health")
+    agents = sub.add_parser("agents", help="list agents with their health; drain, undrain")
+    agents_sub = agents.add_subparsers(dest="agents_command")
+    drain = agents_sub.add_parser("drain", help="stop new placements on an agent")
+    drain.add_argument("name")
+    drain.add_argument("--deadline", type=float, default=None,
+                       help="wait up to this many seconds for its jobs to end")
+    agents_sub.add_parser("undrain", help="place work on an agent again").add_argument("name")
     jobs = sub.add_parser("jobs", help="list recent jobs")
     jobs.add_argument("--limit", type=int, default=50)
     jobs.add_argument("--all", action="store_true", help="include jobs clients deleted")
@@ -119,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "token":
             result = client.delete(f"agents/{args.name}/tokens/")
             print(f"revoked {result['revoked']} token(s) of {args.name}")
+        elif args.command == "agents" and args.agents_command == "drain":
+            return _drain(client, args.name, args.deadline)
+        elif args.command == "agents" and args.agents_command == "undrain":
+            client.post(f"agents/{args.name}/undrain/", {})
+            print(f"{args.name}: accepting work again")
         elif args.command == "agents":
             agents = client.get("agents/")["agents"]
             print(json.dumps(agents, indent=2) if args.json else format_table(

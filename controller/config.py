@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -62,6 +62,8 @@ class Config:
     max_upload_mb: int = 10_240
     agent_lease: float = 600.0
     heartbeat_interval: float = 5.0
+    placement: str = "spread"
+    agent_selector: dict[str, str] = field(default_factory=dict)
     swift_auth_url: str = ""
     swift_username: str = ""
     swift_key: str = ""
@@ -90,6 +92,17 @@ def parse_bool(value: str) -> bool:
     if v in _FALSE:
         return False
     raise ValueError(f"not a boolean: {value!r} (use true/false, yes/no, 1/0, on/off)")
+
+
+def parse_labels(value: str) -> dict[str, str]:
+    """``k=v,k2=v2`` (pfcon's JOB_LABELS form)."""
+    out: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected key=value, got {item!r}")
+        out[key.strip()] = val.strip()
+    return out
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -203,6 +216,14 @@ def load_config(env: Mapping[str, str] | None = None, *, dev: bool = False) -> C
     values["max_upload_mb"] = get_int("PFLEET_MAX_UPLOAD_MB", 10_240, minimum=1)
     values["agent_lease"] = get_float("PFLEET_AGENT_LEASE", 600.0, minimum=1.0)
     values["heartbeat_interval"] = get_float("PFLEET_HEARTBEAT_INTERVAL", 5.0, minimum=0.1)
+    values["placement"] = env.get("PFLEET_PLACEMENT") or "spread"
+    if values["placement"] not in ("spread", "binpack"):
+        problems.append(f"PFLEET_PLACEMENT: must be spread or binpack, got "
+                        f"{values['placement']!r}")
+    try:
+        values["agent_selector"] = parse_labels(env.get("PFLEET_AGENT_SELECTOR") or "")
+    except ValueError as exc:
+        problems.append(f"PFLEET_AGENT_SELECTOR: {exc}")
     try:
         values["listen_host"], values["listen_port"] = parse_listen(
             env.get("PFLEET_LISTEN") or "0.0.0.0:30005")

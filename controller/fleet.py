@@ -96,8 +96,10 @@ class Fleet:
         self.sessions: dict[str, AgentSession] = {}
         self.sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
         self.disconnected_since: dict[str, float] = {}
-        self.strategy: placement.Strategy = "spread"
-        self.selector: dict[str, str] = {}
+        self.strategy: placement.Strategy = (
+            "binpack" if config.placement == "binpack" else "spread")
+        self.selector: dict[str, str] = dict(config.agent_selector)
+        self.draining: set[str] = set()
         self._kick = asyncio.Event()
         self._logs: dict[str, _CachedLogs] = {}
         self._logs_refreshing: set[str] = set()
@@ -107,6 +109,7 @@ class Fleet:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        self.draining = {a.name for a in await self.store.agents() if a.draining}
         now = time.monotonic()
         for name in await self.store.agents_with_active_jobs():
             self.disconnected_since.setdefault(name, now)
@@ -319,7 +322,7 @@ class Fleet:
                 multi_worker=bool(s.hello.capabilities.get("multi_worker", False)),
                 labels=dict(s.hello.labels), connected=True,
                 suspect=now - s.last_seen > suspect_after,
-                draining=bool(cap.get("draining", False)),
+                draining=name in self.draining,
                 healthy=hb.runtime_ok if hb is not None else True,
                 used_cpu=used[0], used_memory=used[1], used_gpus=used[2])
         return out

@@ -362,6 +362,12 @@ class Store:
             (State.ASSIGNED.value, State.RUNNING.value)).fetchall()
         return {r[0]: (int(r[1] or 0), int(r[2] or 0), int(r[3] or 0)) for r in rows}
 
+    async def active_counts(self) -> dict[str, int]:
+        """ASSIGNED/RUNNING jobs per agent."""
+        return await self._run(lambda: dict(self.db.execute(
+            "SELECT agent, COUNT(*) FROM jobs WHERE state IN (?, ?) AND agent IS NOT NULL "
+            "GROUP BY agent", (State.ASSIGNED.value, State.RUNNING.value)).fetchall()))
+
     async def agents_with_active_jobs(self) -> list[str]:
         return await self._run(lambda: [r[0] for r in self.db.execute(
             "SELECT DISTINCT agent FROM jobs WHERE state IN (?, ?) AND agent IS NOT NULL",

@@ -30,6 +30,7 @@ async def list_agents(request: web.Request) -> web.Response:
     fleet = request.app[FLEET]
     config = request.app[CONFIG]
     now_wall, now_mono = time.time(), time.monotonic()
+    active = await request.app[STORE].active_counts()
     out: list[dict[str, Any]] = []
     for row in await request.app[STORE].agents():
         session = fleet.sessions.get(row.name)
@@ -53,6 +54,8 @@ async def list_agents(request: web.Request) -> web.Response:
             "memory_available_mib": hb.get("memory_available_mib"),
             "disk_free_mib": hb.get("disk_free_mib"),
             "running": len(hb.get("running", [])),
+            "active_jobs": active.get(row.name, 0),
+            "draining": row.draining,
             "problems": hb.get("problems", []),
             "last_seen_seconds_ago": round(now_wall - row.last_seen, 1),
         })
@@ -84,6 +87,32 @@ async def revoke_agent_tokens(request: web.Request) -> web.Response:
     if session is not None:
         await session.ws.close(code=4001, message=b"token revoked")
     return json_response(request, {"name": name, "revoked": count})
+
+
+@routes.post("/api/v1/agents/{name}/drain/")
+async def drain_agent(request: web.Request) -> web.Response:
+    """Stop placing work on the agent; what runs there finishes."""
+    return await _set_draining(request, True)
+
+
+@routes.post("/api/v1/agents/{name}/undrain/")
+async def undrain_agent(request: web.Request) -> web.Response:
+    return await _set_draining(request, False)
+
+
+async def _set_draining(request: web.Request, draining: bool) -> web.Response:
+    name = request.match_info["name"]
+    store = request.app[STORE]
+    if not await store.set_draining(name, draining):
+        raise NotFound(f"no agent named {name!r}")
+    fleet = request.app[FLEET]
+    if draining:
+        fleet.draining.add(name)
+    else:
+        fleet.draining.discard(name)
+        fleet.kick()
+    active = (await store.active_counts()).get(name, 0)
+    return json_response(request, {"name": name, "draining": draining, "active_jobs": active})
 
 
 @routes.get("/api/v1/fleet/jobs/")

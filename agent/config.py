@@ -35,7 +35,7 @@ class AgentConfigError(Exception):
 @dataclass(frozen=True)
 class AgentConfig:
     name: str
-    controller_url: str  # ws(s)://host:port/api/v1/fleet/connect ("" = discover)
+    controller_url: str  # ws(s)://host:port/api/v1/fleet/connect ("" = discover: zeroconf)
     token: str
     state_dir: Path
     runtime: str = "docker"
@@ -183,6 +183,12 @@ def load_agent_config(path: Path | None = None, env: Mapping[str, str] | None = 
         raw["storebase_mount"] = Path(raw["storebase"])
     if "storebase_mount" in raw and "storebase" not in raw:
         raw["storebase"] = str(raw["storebase_mount"])
+    for attr, env_name in (("ca_file", "PFLEET_CA_FILE"), ("client_cert", "PFLEET_CLIENT_CERT"),
+                           ("client_key", "PFLEET_CLIENT_KEY")):
+        if raw.get(attr) and not Path(raw[attr]).is_file():
+            problems.append(f"{env_name}: no such file: {raw[attr]}")
+    if raw.get("client_key") and not raw.get("client_cert"):
+        problems.append("PFLEET_CLIENT_KEY: needs PFLEET_CLIENT_CERT")
     if raw.get("poll_interval", 5.0) <= 0:
         problems.append("PFLEET_AGENT_POLL_INTERVAL: must be positive")
     if problems:

@@ -7,6 +7,10 @@ commands.  Failures are classified:
 * transient (refused connection, timeouts, 5xx, the controller going away with
   close code 1001): retried after a jittered, growing delay that resets once a
   connection succeeds;
+* an untrusted server certificate: a configuration error, but the operator may fix
+  the CA file (or the controller's certificate) while the agent runs, so it is
+  logged as an error naming the trust source once per distinct failure, reported by
+  ``/health`` as ``certificate verify failed ...``, and retried with the same backoff;
 * fatal (401/403 at the handshake, a hello the controller refuses, a protocol
   version it does not speak): ``LinkRefused`` is raised and the agent exits with a
   distinct status, because retrying cannot help.
@@ -76,6 +80,7 @@ class Link:
         self.connected = asyncio.Event()
         self.heartbeat_interval = 5.0
         self.last_error = ""
+        self.trust = "the system trust store"  # what verifies the controller (for messages)
 
     async def run_forever(self) -> None:
         """Stay connected until cancelled; raise ``LinkRefused`` when refused."""
@@ -87,6 +92,12 @@ class Link:
                     self.last_error = "connection closed by the controller"
                 except LinkRefused:
                     raise
+                except aiohttp.ClientConnectorCertificateError as exc:
+                    error = (f"certificate verify failed: {_verify_message(exc)} "
+                             f"(controller {self.url}, trusting {self.trust})")
+                    if error != self.last_error:
+                        log.error("controller certificate not trusted: %s", error)
+                    self.last_error = error
                 except (aiohttp.ClientError, OSError, TimeoutError, p.ProtocolError) as exc:
                     self.last_error = f"{type(exc).__name__}: {exc}"
                 finally:
@@ -174,3 +185,9 @@ class Link:
         while True:
             await send(await self.callbacks.heartbeat())
             await asyncio.sleep(self.heartbeat_interval)
+
+
+def _verify_message(exc: aiohttp.ClientConnectorCertificateError) -> str:
+    cert_error = exc.certificate_error
+    message = getattr(cert_error, "verify_message", "") or str(cert_error)
+    return str(message)

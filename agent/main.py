@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import ssl
@@ -23,8 +24,9 @@ from aiohttp import web
 
 from agent import protocol as p
 from agent.config import AgentConfig, AgentConfigError, load_agent_config
+from agent.discovery import SERVICE_TYPE, DiscoveredController, discover_controller
 from agent.health import collect_metrics, health_app
-from agent.link import Link, LinkCallbacks, LinkRefused
+from agent.link import Backoff, Link, LinkCallbacks, LinkRefused
 from agent.outbox import Outbox
 from agent.runtimes import create_runtime
 from agent.runtimes.base import Probe, Runtime
@@ -35,10 +37,14 @@ log = logging.getLogger("pfleet.agent")
 EXIT_CONFIG = 2
 EXIT_REFUSED = 78  # EX_CONFIG: the controller refuses us; systemd must not restart-loop
 AGENT_VERSION = "0.1.0"
+DISCOVERY_TIMEOUT = 5.0  # seconds one zeroconf browse may take; retried with backoff
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, runtime: Runtime | None = None) -> None:
+    def __init__(self, config: AgentConfig, runtime: Runtime | None = None, *,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context`` replaces the one built from ``ca_file``/``client_cert``
+        (the embedded agent trusts the controller's own certificate)."""
         self.config = config
         self.runtime = runtime or create_runtime(config)
         config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -50,34 +56,57 @@ class Agent:
         self.link = Link(config.controller_url, config.token, self.outbox,
                          LinkCallbacks(hello=self.hello, heartbeat=self.heartbeat,
                                        inventory=self.supervisor.inventory,
-                                       command=self.command),
-                         ssl_context=self._ssl_context())
+                                       command=self.command))
+        self._fixed_ssl_context = ssl_context
         self.probe = Probe("undetected", "not probed yet")
         self._metrics_problems: list[str] = []
         self._health_runner: web.AppRunner | None = None
 
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        if not self.config.controller_url.startswith("wss://"):
+    def _ssl_context(self, url: str) -> ssl.SSLContext | None:
+        """TLS for ``wss://``: the controller's CA (``ca_file``, else the system's trust
+        store) and, when configured, this agent's client certificate."""
+        if not url.startswith("wss://"):
             return None
-        context = ssl.create_default_context(cafile=self.config.ca_file)
+        if self._fixed_ssl_context is not None:
+            return self._fixed_ssl_context
+        try:
+            context = ssl.create_default_context(cafile=self.config.ca_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise AgentConfigError([f"PFLEET_CA_FILE: cannot load {self.config.ca_file} "
+                                    f"(PEM CA certificates expected): {exc}"]) from None
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
         if self.config.client_cert:
-            context.load_cert_chain(self.config.client_cert, self.config.client_key)
+            try:
+                context.load_cert_chain(self.config.client_cert, self.config.client_key,
+                                        password=lambda: b"")
+            except (ssl.SSLError, OSError) as exc:
+                raise AgentConfigError([
+                    f"PFLEET_CLIENT_CERT / PFLEET_CLIENT_KEY: cannot load "
+                    f"{self.config.client_cert} (PEM certificate and matching unencrypted "
+                    f"PEM key expected): {exc}"]) from None
         return context
+
+    def _trust_description(self) -> str:
+        if self._fixed_ssl_context is not None:
+            return "the controller's own certificate"
+        return (f"CA file {self.config.ca_file}" if self.config.ca_file
+                else "the system trust store (no PFLEET_CA_FILE)")
 
     # ---------------------------------------------------------------- running
 
     async def run(self) -> None:
-        """Run until cancelled; raises ``LinkRefused`` when the controller refuses us."""
-        if not self.config.controller_url:
-            raise AgentConfigError(["PFLEET_CONTROLLER_URL: required"])
+        """Run until cancelled; raises ``LinkRefused`` when the controller refuses us
+        and ``AgentConfigError`` when the TLS files do not load."""
+        if self.config.controller_url:
+            self._configure_link(self.config.controller_url)  # fail early on bad TLS files
         self.probe = await self.runtime.probe()
         await self.supervisor.startup()
         await self._start_health_server()
-        tasks = [asyncio.create_task(self.link.run_forever(), name="pfleet-agent-link"),
+        tasks = [asyncio.create_task(self._link_forever(), name="pfleet-agent-link"),
                  asyncio.create_task(self.supervisor.run_forever(), name="pfleet-agent-poll"),
                  asyncio.create_task(self._probe_loop(), name="pfleet-agent-probe")]
         log.info("agent started name=%s runtime=%s controller=%s", self.config.name,
-                 self.config.runtime, self.config.controller_url)
+                 self.config.runtime, self.config.controller_url or "(zeroconf discovery)")
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -92,6 +121,42 @@ class Agent:
             if self._health_runner is not None:
                 await self._health_runner.cleanup()
             await self.runtime.close()
+
+    def _configure_link(self, url: str) -> None:
+        self.link.url = url
+        self.link.ssl_context = self._ssl_context(url)
+        self.link.trust = self._trust_description()
+
+    async def _link_forever(self) -> None:
+        if not self.config.controller_url:
+            found = await self._discover()
+            self.config = dataclasses.replace(self.config, controller_url=found.url,
+                                              found_by="zeroconf")
+            self._configure_link(found.url)
+        await self.link.run_forever()
+
+    async def _discover(self) -> DiscoveredController:
+        """Browse until a controller answers: each attempt bounded, retried with backoff
+        (a controller that starts later is found)."""
+        delays = Backoff(first=1.0, cap=30.0)
+        attempt = 0
+        while True:
+            attempt += 1
+            self.link.last_error = f"discovering controller (zeroconf {SERVICE_TYPE})"
+            try:
+                found = await discover_controller(DISCOVERY_TIMEOUT)
+            except Exception as exc:  # zeroconf raises several types (no interface, ...)
+                found = None
+                self.link.last_error = (f"discovering controller (zeroconf {SERVICE_TYPE}): "
+                                        f"{exc}")
+            if found is not None:
+                log.info("found controller by zeroconf name=%s url=%s version=%s", found.name,
+                         found.url, found.version or "?")
+                return found
+            delay = delays.next()
+            log.info("no controller found by zeroconf (attempt %d), browsing again in %.1f s",
+                     attempt, delay)
+            await asyncio.sleep(delay)
 
     async def _probe_loop(self) -> None:
         while True:
@@ -154,7 +219,7 @@ class Agent:
             problems.append(f"controller link down: {self.link.last_error or 'connecting'}")
         return {"agent": self.config.name, "status": "unhealthy" if problems else "healthy",
                 "problems": problems, "runtime": self.config.runtime,
-                "controller": self.config.controller_url,
+                "controller": self.config.controller_url, "found_by": self.config.found_by,
                 "connected": self.link.connected.is_set(),
                 "running_jobs": len(self.supervisor.running_jobs()),
                 "capacity": self.capacity(), "outbox": len(self.outbox)}

@@ -20,8 +20,9 @@ from controller.api.middleware import (
     error_middleware,
     public,
 )
-from controller.auth import ClientTokenVerifier
+from controller.auth import ClientTokenVerifier, decode_agent_token
 from controller.config import Config
+from controller.errors import ApiError, Unauthorized
 from controller.fleet import FLEET, Fleet
 from controller.jobs import JOBS, JobService
 from controller.storage import modes
@@ -31,6 +32,10 @@ from controller.store import STORE, Store
 log = logging.getLogger("pfleet.controller")
 
 FORM_BODY_LIMIT = 8 << 20  # url-encoded forms; multipart uploads are streamed instead
+
+# Token ids of agents running inside this process (``--local-agent``): minted at
+# start, never written anywhere, so they stand in for a client certificate.
+LOCAL_AGENT_JTIS = web.AppKey("pfleet.local_agent_jtis", set)
 
 
 def create_app(config: Config) -> web.Application:
@@ -42,6 +47,7 @@ def create_app(config: Config) -> web.Application:
         client_max_size=FORM_BODY_LIMIT)
     app[CONFIG] = config
     app[VERIFIER] = ClientTokenVerifier(config)
+    app[LOCAL_AGENT_JTIS] = set()
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_fleet_ctx)
     if config.dev and config.innetwork and config.storage_env == "swift":
@@ -55,7 +61,45 @@ def create_app(config: Config) -> web.Application:
 
 @public
 async def _fleet_connect(request: web.Request) -> web.StreamResponse:
+    if request.app[CONFIG].tls_client_ca is not None:
+        _require_client_certificate(request)
     return await request.app[FLEET].handle_connect(request)
+
+
+def _require_client_certificate(request: web.Request) -> None:
+    """With ``PFLEET_TLS_CLIENT_CA`` the listener asks for client certificates but lets
+    clients without one through (CUBE has none), so the agent endpoint checks here: a
+    certificate was presented, hence verified against that CA in the handshake.
+
+    The embedded agent is exempt: its token was minted in this process and it dials
+    the listener from this machine (the peer address is the socket's own address).
+    """
+    transport = request.transport
+    if transport is not None and transport.get_extra_info("peercert"):
+        return
+    if transport is not None and _is_local_agent(request):
+        return
+    log.warning("agent refused: no client certificate remote=%s", request.remote)
+    raise ApiError("a client certificate signed by PFLEET_TLS_CLIENT_CA is required",
+                   status=403)
+
+
+def _is_local_agent(request: web.Request) -> bool:
+    jtis = request.app[LOCAL_AGENT_JTIS]
+    if not jtis or request.transport is None:
+        return False
+    peer = request.transport.get_extra_info("peername")
+    own = request.transport.get_extra_info("sockname")
+    if not peer or not own or peer[0] != own[0]:
+        return False
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme != "Bearer" or not token:
+        return False
+    try:
+        _name, jti = decode_agent_token(request.app[CONFIG], token)
+    except Unauthorized:  # refused by the fleet below, with its own answer
+        return False
+    return jti in jtis
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -8,7 +8,9 @@ naming each bad variable, so an operator fixes them all in one go.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,8 @@ SWIFT_SETTINGS = (
     ("SWIFT_KEY", "swift_key", "testing"),
     ("SWIFT_CONTAINER_NAME", "swift_container", "users"),
 )
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
@@ -68,7 +72,16 @@ class Config:
     swift_username: str = ""
     swift_key: str = ""
     swift_container: str = ""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    zeroconf: bool = False
+    zeroconf_interfaces: tuple[str, ...] = ()
     server_version: str = "0.0.0+unknown"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def agent_secret(self) -> str:
@@ -113,6 +126,91 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not 0 <= port_num <= 65535:
         raise ValueError(f"port out of range in {value!r}")
     return host.strip("[]"), port_num
+
+
+def _is_ipv4(value: str) -> bool:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_ipv4_list(value: str) -> tuple[str, ...]:
+    """``10.1.2.3,10.1.2.4``: local IPv4 addresses (zeroconf advertises on IPv4 only)."""
+    out: list[str] = []
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        try:
+            out.append(str(ipaddress.IPv4Address(item)))
+        except ValueError:
+            raise ValueError(f"not an IPv4 address: {item!r}") from None
+    return tuple(out)
+
+
+def server_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """The listener's TLS context (TLS 1.2 or later), or None without TLS.
+
+    With ``tls_client_ca`` the server asks every client for a certificate but does not
+    insist (``CERT_OPTIONAL``): a certificate that is presented must chain to that CA
+    or the handshake fails, and the agent endpoint refuses a connection without one.
+    The pfcon API stays usable by CUBE, which has no client certificate.
+    """
+    if config.tls_cert is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls_cert, config.tls_key, password=_no_password)
+    if config.tls_client_ca is not None:
+        context.load_verify_locations(cafile=config.tls_client_ca)
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+def _no_password() -> bytes:
+    """An encrypted key fails to load instead of prompting on the terminal."""
+    return b""
+
+
+def _load_tls(env: Mapping[str, str], values: dict[str, object], problems: list[str]) -> None:
+    """PFLEET_TLS_CERT and PFLEET_TLS_KEY (both or neither), PFLEET_TLS_CLIENT_CA: the
+    files must exist and load, so a broken file stops the start, not the first client."""
+    cert, key = env.get("PFLEET_TLS_CERT") or "", env.get("PFLEET_TLS_KEY") or ""
+    client_ca = env.get("PFLEET_TLS_CLIENT_CA") or ""
+    if not cert and not key:
+        if client_ca:
+            problems.append("PFLEET_TLS_CLIENT_CA: needs TLS (set PFLEET_TLS_CERT and "
+                            "PFLEET_TLS_KEY)")
+        return
+    if not cert or not key:
+        missing = "PFLEET_TLS_KEY" if cert else "PFLEET_TLS_CERT"
+        problems.append(f"{missing}: PFLEET_TLS_CERT and PFLEET_TLS_KEY go together "
+                        f"(set both or neither)")
+        return
+    ok = True
+    for name, path in (("PFLEET_TLS_CERT", cert), ("PFLEET_TLS_KEY", key),
+                       ("PFLEET_TLS_CLIENT_CA", client_ca)):
+        if path and not Path(path).is_file():
+            problems.append(f"{name}: no such file: {path}")
+            ok = False
+    if not ok:
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except (ssl.SSLError, OSError) as exc:
+        problems.append(f"PFLEET_TLS_CERT / PFLEET_TLS_KEY: cannot load {cert} with key {key} "
+                        f"(PEM certificate and matching unencrypted PEM key expected): {exc}")
+        ok = False
+    if client_ca:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (ssl.SSLError, OSError) as exc:
+            problems.append(f"PFLEET_TLS_CLIENT_CA: cannot load {client_ca} "
+                            f"(PEM CA certificates expected): {exc}")
+            ok = False
+    if ok:
+        values["tls_cert"], values["tls_key"] = Path(cert), Path(key)
+        values["tls_client_ca"] = Path(client_ca) if client_ca else None
 
 
 def load_config(env: Mapping[str, str] | None = None, *, dev: bool = False) -> Config:
@@ -229,6 +327,20 @@ def load_config(env: Mapping[str, str] | None = None, *, dev: bool = False) -> C
             env.get("PFLEET_LISTEN") or "0.0.0.0:30005")
     except ValueError as exc:
         problems.append(f"PFLEET_LISTEN: {exc}")
+
+    _load_tls(env, values, problems)
+    values["zeroconf"] = get_bool("PFLEET_ZEROCONF", False)
+    try:
+        values["zeroconf_interfaces"] = parse_ipv4_list(env.get("PFLEET_ZEROCONF_INTERFACES")
+                                                        or "")
+    except ValueError as exc:
+        problems.append(f"PFLEET_ZEROCONF_INTERFACES: {exc}")
+    else:
+        listen = str(values.get("listen_host", ""))
+        if (values["zeroconf"] and not values["zeroconf_interfaces"]
+                and listen not in WILDCARD_HOSTS and not _is_ipv4(listen)):
+            problems.append(f"PFLEET_ZEROCONF_INTERFACES: required with PFLEET_ZEROCONF when "
+                            f"PFLEET_LISTEN's host is not an IPv4 address (got {listen!r})")
 
     if problems:
         raise ConfigError(problems)

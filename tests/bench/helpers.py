@@ -64,6 +64,8 @@ class BenchDeployment:
             "PFLEET_HEALTH_LISTEN": f"127.0.0.1:{free_port()}",
             **(extra_env or {}),
         }
+        if os.environ.get("PYTHONPATH"):  # e.g. benchmarking another checkout's code
+            env.setdefault("PYTHONPATH", os.environ["PYTHONPATH"])
         self.controller: ControllerProc = controller_proc(
             workdir, free_port(), env, local_agent=True, extra_args=["--log-level", LOG_LEVEL]
         )

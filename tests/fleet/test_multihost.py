@@ -1,0 +1,214 @@
+"""Jobs across real separate hosts (network namespaces, one engine each): placement,
+refusals at submit, queueing, and the faults DESIGN §5 promises to survive.
+
+The guarantee checked throughout: every job reaches its true final state and none
+runs twice (each job appends to ``runs.txt`` in its own outputs when it starts)."""
+
+from __future__ import annotations
+
+import io
+import time
+import zipfile
+
+import pytest
+from pfconclient import client as pfc
+from pfconclient.exceptions import PfconRequestException
+
+from tests.e2e.conftest import make_zip
+from tests.support.engines import BUSYBOX_IMAGE
+
+pytestmark = [pytest.mark.docker, pytest.mark.podman]
+
+RUN = 'echo run >> "$1/runs.txt"; echo "$0" > "$1/seen.txt"; sleep {secs}; echo finished'
+TERMINAL = ("finishedSuccessfully", "finishedWithError", "undefined")
+
+
+def descriptors(secs: float, cpu: int = 1000) -> dict:
+    return {"entrypoint": ["sh", "-c", RUN.format(secs=secs)], "args": [], "auid": "cube",
+            "number_of_workers": 1, "cpu_limit": cpu, "memory_limit": 64, "gpu_limit": 0,
+            "image": BUSYBOX_IMAGE, "type": "ds"}
+
+
+def submit(fleet, jid: str, secs: float, cpu: int = 1000) -> dict:
+    return fleet.call(lambda: fleet.client().submit_job(
+        pfc.JobType.PLUGIN, jid, descriptors(secs, cpu), make_zip({"in.txt": jid.encode()})))
+
+
+def status(fleet, jid: str) -> dict:
+    return fleet.call(lambda: fleet.client().get_job_status(pfc.JobType.PLUGIN, jid))["compute"]
+
+
+def wait_all(fleet, jids: list[str], timeout: float = 120) -> dict[str, dict]:
+    client = fleet.call(fleet.client)
+    deadline = time.monotonic() + timeout
+    done: dict[str, dict] = {}
+    while time.monotonic() < deadline and len(done) < len(jids):
+        for jid in jids:
+            if jid not in done:
+                c = fleet.call(client.get_job_status, pfc.JobType.PLUGIN, jid)["compute"]
+                if c["status"] in TERMINAL:
+                    done[jid] = c
+        time.sleep(0.3)
+    assert len(done) == len(jids), f"not finished: {sorted(set(jids) - set(done))}"
+    return done
+
+
+def runs(fleet, jid: str) -> int:
+    path = fleet.storebase / f"key-{jid}" / "outgoing" / "runs.txt"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_jobs_land_on_every_host_and_outputs_come_back(fleet_factory) -> None:
+    fleet = fleet_factory()
+    jids = [f"spread-{i}" for i in range(6)]
+    for jid in jids:
+        assert submit(fleet, jid, secs=2)["compute"]["status"] == "notStarted"
+    results = wait_all(fleet, jids)
+    assert {c["status"] for c in results.values()} == {"finishedSuccessfully"}
+    jobs = fleet.jobs()
+    assert {jobs[j]["agent"] for j in jids} == {"h1", "h2", "h3"}
+    for jid in jids:
+        assert runs(fleet, jid) == 1
+        data = fleet.call(lambda: fleet.client().get_plugin_job_zip_data(jid))
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            assert zf.read("seen.txt") == b"/share/incoming\n"
+
+
+def test_impossible_jobs_are_refused_at_submit(fleet_factory) -> None:
+    fleet = fleet_factory()
+    client = fleet.call(fleet.client)
+    gpu = descriptors(1) | {"gpu_limit": 1}
+    with pytest.raises(PfconRequestException) as err:
+        fleet.call(client.submit_job, pfc.JobType.PLUGIN, "gpu-1", gpu, make_zip({"x": b"1"}))
+    assert err.value.code == 400 and "gpu_limit=1 but no agent has more than 0 GPU" in str(
+        err.value)
+    huge = descriptors(1, cpu=64000)
+    with pytest.raises(PfconRequestException) as err:
+        fleet.call(client.submit_job, pfc.JobType.PLUGIN, "huge-1", huge, make_zip({"x": b"1"}))
+    assert err.value.code == 400 and "cpu_limit=64000" in str(err.value)
+    assert not (fleet.storebase / "key-gpu-1").exists()
+    assert not (fleet.storebase / "key-huge-1").exists()
+
+
+def test_queue_drains_as_capacity_frees(fleet_factory) -> None:
+    # Each host offers one CPU; each job wants one: three run, three wait in order.
+    fleet = fleet_factory(agent_env={"PFLEET_AGENT_CPU_MILLICORES": "1000"})
+    jids = [f"queue-{i}" for i in range(6)]
+    for jid in jids:
+        submit(fleet, jid, secs=3)
+    most_running = 0
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        states = [j["state"] for n, j in fleet.jobs().items() if n in jids]
+        most_running = max(most_running, sum(s in ("ASSIGNED", "RUNNING") for s in states))
+        if all(s == "COMPLETE" for s in states):
+            break
+        time.sleep(0.2)
+    assert most_running == 3
+    assert {c["status"] for c in wait_all(fleet, jids).values()} == {"finishedSuccessfully"}
+    assert [runs(fleet, j) for j in jids] == [1] * 6
+
+
+def drain_all_but(fleet, keep: str) -> None:
+    for host in fleet.topo.hosts:
+        if host.name != keep:
+            fleet.admin("POST", f"agents/{host.name}/drain/", {})
+
+
+def test_link_down_for_a_minute_changes_nothing(fleet_factory) -> None:
+    fleet = fleet_factory()
+    drain_all_but(fleet, "h1")
+    jids = ["link-0", "link-1"]
+    for jid in jids:
+        submit(fleet, jid, secs=20)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(status(fleet, j)["status"] != "started"
+                                              for j in jids):
+        time.sleep(0.3)
+    assert all(fleet.jobs()[j]["agent"] == "h1" for j in jids)
+    fleet.topo.set_link("h1", False)
+    try:
+        time.sleep(10)
+        assert fleet.agents_by_name()["h1"]["state"] in ("suspect", "disconnected")
+        # Nothing moves while the lease (10 min) runs: the jobs still show started.
+        assert [status(fleet, j)["status"] for j in jids] == ["started", "started"]
+        time.sleep(50)  # the jobs end while the link is down
+    finally:
+        fleet.topo.set_link("h1", True)
+    fleet.wait_agents(["h1"], timeout=60, states=("healthy", "draining"))
+    results = wait_all(fleet, jids, timeout=60)
+    assert {c["status"] for c in results.values()} == {"finishedSuccessfully"}
+    assert all(c["logs"].endswith("finished\n") for c in results.values())
+    assert [runs(fleet, j) for j in jids] == [1, 1]
+
+
+def test_host_lost_past_a_short_lease(fleet_factory) -> None:
+    fleet = fleet_factory(PFLEET_AGENT_LEASE="5")
+    drain_all_but(fleet, "h2")
+    submit(fleet, "lost-0", secs=120)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and status(fleet, "lost-0")["status"] != "started":
+        time.sleep(0.3)
+    # The host dies: its agent is killed and its link goes down.
+    fleet.agents["h2"].kill9()
+    fleet.topo.set_link("h2", False)
+    fleet.admin("POST", "agents/h1/undrain/", {})
+    submit(fleet, "after-0", secs=1)
+    deadline = time.monotonic() + 60
+    lost = status(fleet, "lost-0")
+    while time.monotonic() < deadline and lost["status"] != "undefined":
+        time.sleep(0.5)
+        lost = status(fleet, "lost-0")
+    assert lost["status"] == "undefined"
+    assert lost["message"].startswith("agent h2 lost: no contact for 5 s")
+    after = wait_all(fleet, ["after-0"])["after-0"]
+    assert after["status"] == "finishedSuccessfully" and fleet.jobs()["after-0"]["agent"] == "h1"
+    # The host comes back: the lost job's container is removed, nothing runs twice.
+    fleet.topo.set_link("h2", True)
+    fleet.agents["h2"].start()
+    fleet.wait_agents(["h2"], timeout=60, states=("healthy", "draining"))
+    client = fleet.topo.host("h2").client()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and client.containers.list(
+                all=True, filters={"name": "lost-0"}):
+            time.sleep(0.5)
+        assert client.containers.list(all=True, filters={"name": "lost-0"}) == []
+    finally:
+        client.close()
+    assert runs(fleet, "lost-0") == 1
+
+
+def test_controller_killed_agents_reconnect(fleet_factory) -> None:
+    fleet = fleet_factory()
+    jids = [f"ck-{i}" for i in range(6)]
+    for jid in jids:
+        submit(fleet, jid, secs=4)
+    time.sleep(2)
+    fleet.controller.kill9()
+    time.sleep(3)
+    fleet.controller.start()
+    fleet.wait_ready()
+    fleet.wait_agents(["h1", "h2", "h3"], timeout=60)
+    results = wait_all(fleet, jids)
+    assert {c["status"] for c in results.values()} == {"finishedSuccessfully"}
+    assert [runs(fleet, j) for j in jids] == [1] * 6
+
+
+def test_agent_killed_and_restarted_on_its_host(fleet_factory) -> None:
+    fleet = fleet_factory()
+    drain_all_but(fleet, "h3")  # the podman host
+    jids = ["ak-0", "ak-1"]
+    for jid in jids:
+        submit(fleet, jid, secs=4)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(status(fleet, j)["status"] != "started"
+                                              for j in jids):
+        time.sleep(0.3)
+    fleet.agents["h3"].kill9()
+    time.sleep(5)
+    fleet.agents["h3"].start()
+    results = wait_all(fleet, jids)
+    assert {c["status"] for c in results.values()} == {"finishedSuccessfully"}
+    assert [runs(fleet, j) for j in jids] == [1, 1]
+    assert {fleet.jobs()[j]["agent"] for j in jids} == {"h3"}

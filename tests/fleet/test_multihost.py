@@ -69,7 +69,7 @@ def test_jobs_land_on_every_host_and_outputs_come_back(fleet_factory) -> None:
     assert {jobs[j]["agent"] for j in jids} == {"h1", "h2", "h3"}
     for jid in jids:
         assert runs(fleet, jid) == 1
-        data = fleet.call(lambda: fleet.client().get_plugin_job_zip_data(jid))
+        data = fleet.call(lambda j=jid: fleet.client().get_plugin_job_zip_data(j))
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             assert zf.read("seen.txt") == b"/share/incoming\n"
 

@@ -58,10 +58,10 @@ class _SlowCallbacks(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        # A test body may block (it drives engines with the synchronous SDK); the
-        # product's own callbacks and tasks may not.
+        # A test body or fixture may block (it drives engines with the synchronous
+        # SDK); the product's own callbacks and tasks may not.
         if (message.startswith("Executing ") and " took " in message
-                and "coro=<test_" not in message):
+                and "coro=<test_" not in message and "_fixture" not in message):
             self.seen.append(message)
 
 

@@ -102,30 +102,33 @@ def deployment(fleet_topology: Topology, tmp_path: Path) -> Iterator[Deployment]
         d.stop()
 
 
-def test_agent_finds_the_controller_by_zeroconf(deployment: Deployment,
-                                                tmp_path: Path) -> None:
+def test_agents_find_the_controller_by_zeroconf(deployment: Deployment,
+                                                 tmp_path: Path) -> None:
     d, topo = deployment, deployment.topo
     h1, h2 = topo.hosts[0], topo.hosts[1]
     storebase = tmp_path / "sb"
     storebase.mkdir()
-    agent_env = {"CONTAINER_ENV": "fake", "STOREBASE": str(storebase),
-                 "PFLEET_AGENT_CONFIG": str(tmp_path / "absent.toml")}
 
-    # The agent first: it browses, says so on /health, and keeps browsing.
-    dev_key = "pfleet-agent:pfleet-dev-secret-key-not-for-production"  # --dev SECRET_KEY
-    good = jwt.encode({"sub": h1.name, "typ": "pfleet-agent", "jti": "zc-h1"}, dev_key,
-                      algorithm="HS256")
-    d.start("agent-h1", h1.name, [str(BIN / "pfleet-agent")], base_env(
-        PFLEET_AGENT_NAME=h1.name, PFLEET_AGENT_TOKEN=good,
-        PFLEET_AGENT_STATE_DIR=str(tmp_path / "agent-h1"),
-        PFLEET_HEALTH_LISTEN=f"127.0.0.1:{HEALTH_PORT}", **agent_env))
+    def start_agent(host: str, token: str, **env: str) -> None:
+        d.start(f"agent-{host}", host, [str(BIN / "pfleet-agent")], base_env(
+            PFLEET_AGENT_NAME=host, PFLEET_AGENT_TOKEN=token, CONTAINER_ENV="fake",
+            STOREBASE=str(storebase), PFLEET_AGENT_STATE_DIR=str(tmp_path / f"agent-{host}"),
+            PFLEET_AGENT_CONFIG=str(tmp_path / "absent.toml"), **env))
+
+    # Host 2 first, before any controller, with a token signed by another key: it
+    # browses and says so on /health ...
+    forged = jwt.encode({"sub": h2.name, "typ": "pfleet-agent", "jti": "zc-h2"},
+                        "a-key-that-is-not-the-controllers-key", algorithm="HS256")
+    start_agent(h2.name, forged, PFLEET_HEALTH_LISTEN=f"127.0.0.1:{HEALTH_PORT}")
 
     def discovering() -> bool:
-        body = agent_health(topo, h1.name)
-        return body is not None and any("discovering controller" in p
-                                        for p in body["problems"])
+        if d.proc(f"agent-{h2.name}").poll() is not None:
+            raise RuntimeError(f"agent exited:\n{d.log(f'agent-{h2.name}')}")
+        body = agent_health(topo, h2.name)
+        return body is not None and any(p.startswith("controller link down: discovering "
+                                                     "controller") for p in body["problems"])
 
-    wait_for(discovering, 15, interval=0.2, what="h1 to report discovery")
+    wait_for(discovering, 15, interval=0.2, what="h2 to report discovery on /health")
 
     d.start("controller", "ctl", [str(BIN / "pfleet-controller"), "--dev"], base_env(
         PFLEET_LISTEN=f"{topo.controller_ip}:{PORT}", PFLEET_ZEROCONF="true",
@@ -140,42 +143,29 @@ def test_agent_finds_the_controller_by_zeroconf(deployment: Deployment,
         return False
 
     wait_for(ready, 20, interval=0.2, what="controller health")
-    assert "zeroconf: _pfleet._tcp.local. on 198.51.100.10" in d.log("controller")
-    # The token the agent holds, registered the way `pfleet token create` would (the
-    # agent started before the controller could issue it; same key, same claims).
+    assert f"zeroconf: _pfleet._tcp.local. on {topo.controller_ip}" in d.log("controller")
+
+    # ... then finds the controller, is refused, and exits with 78 (EX_CONFIG) instead
+    # of retrying for ever.
+    assert d.proc(f"agent-{h2.name}").wait(timeout=30) == 78
+    log = d.log(f"agent-{h2.name}")
+    assert "found controller by zeroconf" in log and "refused" in log, log
+
+    # Host 1 with a token the controller issued, and no controller URL either.
     status, body = d.http("POST", "agents/tokens/", {"name": h1.name}, token=d.token())
     assert status == 201, body
-    assert d.proc("agent-h1").poll() is None
-
-    # Re-issue: the agent's token must be a known jti, so restart it with a real one.
-    d.topo.stop(d.proc("agent-h1"))
-    d.start("agent-h1b", h1.name, [str(BIN / "pfleet-agent")], base_env(
-        PFLEET_AGENT_NAME=h1.name, PFLEET_AGENT_TOKEN=str(body["token"]),
-        PFLEET_AGENT_STATE_DIR=str(tmp_path / "agent-h1"),
-        PFLEET_HEALTH_LISTEN=f"127.0.0.1:{HEALTH_PORT}", **agent_env))
+    start_agent(h1.name, str(body["token"]), PFLEET_HEALTH_LISTEN=f"127.0.0.1:{HEALTH_PORT}")
 
     def listed() -> bool:
-        if d.proc("agent-h1b").poll() is not None:
-            raise RuntimeError(f"agent exited:\n{d.log('agent-h1b')}")
+        if d.proc(f"agent-{h1.name}").poll() is not None:
+            raise RuntimeError(f"agent exited:\n{d.log(f'agent-{h1.name}')}")
         return d.agents().get(h1.name, {}).get("state") == "healthy"
 
     wait_for(listed, 30, interval=0.2, what="h1 to find the controller and connect")
-    assert d.agents()[h1.name]["found_by"] == "zeroconf"
+    agents = d.agents()
+    assert agents[h1.name]["found_by"] == "zeroconf"
+    assert h2.name not in agents
     health = agent_health(topo, h1.name)
     assert health is not None and health["status"] == "healthy", health
     assert health["controller"] == f"ws://{topo.controller_ip}:{PORT}/api/v1/fleet/connect"
     assert health["found_by"] == "zeroconf"
-    assert "found controller by zeroconf" in d.log("agent-h1b")
-
-    # Host 2, a token signed with another key: it finds the controller too, is refused
-    # and exits with 78 (EX_CONFIG) instead of retrying for ever.
-    forged = jwt.encode({"sub": h2.name, "typ": "pfleet-agent", "jti": "zc-h2"},
-                        "a-key-that-is-not-the-controllers-key", algorithm="HS256")
-    d.start("agent-h2", h2.name, [str(BIN / "pfleet-agent")], base_env(
-        PFLEET_AGENT_NAME=h2.name, PFLEET_AGENT_TOKEN=forged,
-        PFLEET_AGENT_STATE_DIR=str(tmp_path / "agent-h2"), PFLEET_HEALTH_LISTEN="",
-        **agent_env))
-    assert d.proc("agent-h2").wait(timeout=30) == 78
-    log = d.log("agent-h2")
-    assert "found controller by zeroconf" in log and "refused" in log
-    assert h2.name not in d.agents()

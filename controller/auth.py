@@ -76,11 +76,16 @@ class ClientTokenVerifier:
             self._cache.popitem(last=False)
 
 
-def issue_agent_token(config: Config, name: str) -> tuple[str, str]:
-    """A new token for agent ``name``; returns (token, jti)."""
+def issue_agent_token(config: Config, name: str,
+                      ttl_seconds: int | None = None) -> tuple[str, str]:
+    """A new token for agent ``name`` (expiring after ``ttl_seconds`` when given);
+    returns (token, jti)."""
     jti = uuid.uuid4().hex
-    token = jwt.encode({"sub": name, "typ": "pfleet-agent", "jti": jti,
-                        "iat": int(time.time())}, config.agent_secret, algorithm="HS256")
+    now = int(time.time())
+    claims: dict[str, object] = {"sub": name, "typ": "pfleet-agent", "jti": jti, "iat": now}
+    if ttl_seconds is not None:
+        claims["exp"] = now + ttl_seconds
+    token = jwt.encode(claims, config.agent_secret, algorithm="HS256")
     return token, jti
 
 

@@ -1,6 +1,7 @@
 """``pfleet``: the operator's command line, a client of the controller's admin API.
 
-    pfleet token create NAME     print a new agent token for NAME
+    pfleet token create NAME [--ttl SECONDS]
+                                 print a new agent token for NAME
     pfleet token revoke NAME     revoke every token of NAME (and drop its link)
     pfleet agents                the fleet as a table (state, how found, load)
     pfleet agents drain NAME [--deadline SECONDS]
@@ -127,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     token = sub.add_parser("token", help="agent tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
-    token_sub.add_parser("create", help="print a new token for an agent").add_argument("name")
+    create = token_sub.add_parser("create", help="print a new token for an agent")
+    create.add_argument("name")
+    create.add_argument("--ttl", type=int, default=None,
+                        help="seconds until the token expires (default: never)")
     token_sub.add_parser("revoke", help="revoke an agent's tokens").add_argument("name")
     agents = sub.add_parser("agents", help="list agents with their health; drain, undrain")
     agents_sub = agents.add_subparsers(dest="agents_command")
@@ -143,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = AdminClient(args.url, args.user, args.password)
         if args.command == "token" and args.token_command == "create":
-            result = client.post("agents/tokens/", {"name": args.name})
+            body: dict[str, Any] = {"name": args.name}
+            if args.ttl is not None:
+                body["ttl_seconds"] = args.ttl
+            result = client.post("agents/tokens/", body)
             print(result["token"])
         elif args.command == "token":
             result = client.delete(f"agents/{args.name}/tokens/")

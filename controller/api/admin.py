@@ -72,7 +72,10 @@ async def create_agent_token(request: web.Request) -> web.Response:
     if not isinstance(name, str) or not AGENT_NAME.fullmatch(name):
         raise BadRequest({"name": "an agent name of letters, digits, '_', '.', '-' "
                                   "(at most 63 characters) is required"})
-    token, jti = issue_agent_token(request.app[CONFIG], name)
+    ttl = body.get("ttl_seconds")
+    if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0):
+        raise BadRequest({"ttl_seconds": "a positive number of seconds"})
+    token, jti = issue_agent_token(request.app[CONFIG], name, ttl)
     await request.app[STORE].add_token(jti, name)
     return json_response(request, {"name": name, "token": token}, 201)
 

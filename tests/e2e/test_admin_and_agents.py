@@ -7,13 +7,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import jwt
 import pytest
+import requests
 
 from tests.conftest import free_port
+from tests.e2e.conftest import make_zip
 from tests.support.processes import agent_proc, controller_proc, http_json, wait_for
 
 BIN = Path(sys.executable).parent
@@ -149,5 +152,54 @@ def test_agent_health_reports_a_missing_storebase(tmp_path: Path, controller) ->
         wait_for(lambda: {a["name"]: a for a in controller.agents()}["h7"]["state"]
                  == "unhealthy", 20, what="controller to see the problem")
         assert agents["h7"]["name"] == "h7"
+    finally:
+        proc.stop()
+
+
+def test_expired_agent_token_is_refused(tmp_path: Path, controller) -> None:
+    created = pfleet(controller, "token", "create", "h8", "--ttl", "1")
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip()
+    assert "exp" in jwt.decode(token, options={"verify_signature": False})
+    wait_for(lambda: jwt.decode(token, options={"verify_signature": False})["exp"]
+             < time.time() - 1, 10, what="token to expire")
+    proc = fake_agent(tmp_path, controller, "h8", PFLEET_AGENT_TOKEN=token)
+    proc.start()
+    assert proc.process is not None
+    assert proc.process.wait(timeout=30) == 78
+    assert all(a["name"] != "h8" for a in controller.agents())
+
+
+def test_drain_waits_for_running_jobs_and_undrain_resumes(tmp_path: Path, controller) -> None:
+    proc = fake_agent(tmp_path, controller, "h10")
+    proc.start()
+    try:
+        controller.wait_agent("h10")
+        token = controller.token()
+
+        def post_plugin(jid: str, run_for: str) -> int:
+            fields = [("jid", jid), ("entrypoint", "true"), ("auid", "a"),
+                      ("number_of_workers", "1"), ("cpu_limit", "100"), ("memory_limit", "10"),
+                      ("gpu_limit", "0"), ("image", "x"), ("type", "fs"),
+                      ("env", f"PFLEET_FAKE_RUN_FOR={run_for}")]
+            r = requests.post(controller.base + "pluginjobs/", data=fields,
+                              files={"data_file": make_zip({"a": b"1"})},
+                              headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            return r.status_code
+
+        assert post_plugin("dr-1", "4") == 201
+        wait_for(lambda: any(j["name"] == "dr-1" and j["state"] == "RUNNING"
+                             for j in controller.jobs()), 20, what="dr-1 running")
+        short = pfleet(controller, "agents", "drain", "h10", "--deadline", "0.5")
+        assert short.returncode == 1 and "still active" in short.stderr
+        assert post_plugin("dr-2", "0") == 201  # accepted, but not placed while draining
+        drained = pfleet(controller, "agents", "drain", "h10", "--deadline", "30")
+        assert drained.returncode == 0 and "h10: drained" in drained.stdout
+        states = {j["name"]: j["state"] for j in controller.jobs()}
+        assert (states["dr-1"], states["dr-2"]) == ("COMPLETE", "QUEUED")
+        assert "draining" in pfleet(controller, "agents").stdout
+        assert pfleet(controller, "agents", "undrain", "h10").returncode == 0
+        wait_for(lambda: {j["name"]: j["state"] for j in controller.jobs()}["dr-2"]
+                 == "COMPLETE", 20, what="dr-2 to run after undrain")
     finally:
         proc.stop()

@@ -54,9 +54,14 @@ def controller_from_info(info: Any) -> DiscoveredController | None:
 async def discover_controller(
     timeout: float,  # noqa: ASYNC109 - the browse itself is what is bounded
     interfaces: InterfacesType = InterfaceChoice.All,
+    require_tls: bool = False,
 ) -> DiscoveredController | None:
     """Browse for ``_pfleet._tcp.local.`` for at most ``timeout`` seconds; the first
-    usable controller, or None when none answered in time."""
+    usable controller, or None when none answered in time.
+
+    ``require_tls`` (the agent has a CA file) skips answers advertising ``tls=0``: the
+    agent sends its token on connect, and anyone on the LAN can advertise, so a
+    configured CA must not be bypassed by a plain ``ws://`` answer."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     names: asyncio.Queue[str] = asyncio.Queue()
@@ -83,6 +88,10 @@ async def discover_controller(
             found = controller_from_info(info)
             if found is None:
                 log.info("zeroconf: unusable record name=%s (no IPv4 address or port)", name)
+                continue
+            if require_tls and not found.tls:
+                log.warning("zeroconf: ignoring %s at %s: it does not offer TLS and a CA "
+                            "file is configured", name, found.address)
                 continue
             return found
         return None

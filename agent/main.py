@@ -144,7 +144,8 @@ class Agent:
             attempt += 1
             self.link.last_error = f"discovering controller (zeroconf {SERVICE_TYPE})"
             try:
-                found = await discover_controller(DISCOVERY_TIMEOUT)
+                found = await discover_controller(
+                    DISCOVERY_TIMEOUT, require_tls=bool(self.config.ca_file))
             except Exception as exc:  # zeroconf raises several types (no interface, ...)
                 found = None
                 self.link.last_error = (f"discovering controller (zeroconf {SERVICE_TYPE}): "

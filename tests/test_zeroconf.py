@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +21,13 @@ from typing import Any
 
 import jwt
 import pytest
+from zeroconf import ServiceInfo
 
+from agent.discovery import SERVICE_TYPE, controller_from_info
 from tests.support.processes import BIN, http_json, wait_for
 from tests.support.topology import Topology
 
-pytestmark = [pytest.mark.docker, pytest.mark.podman]  # fleet_topology starts both engines
+# fleet_topology starts both engines, so the topology test carries both marks
 
 PORT = 30005  # namespace-private: nothing else listens in the controller namespace
 HEALTH_PORT = 30006  # on the agent namespace's own loopback
@@ -79,6 +82,25 @@ class Deployment:
         return {a["name"]: a for a in body["agents"]}
 
 
+def test_the_advertised_record_becomes_a_connect_url() -> None:
+    """No network: how an answer turns into the URL the agent dials."""
+    def record(**props: str) -> ServiceInfo:
+        return ServiceInfo(SERVICE_TYPE, f"pfleet-x-1.{SERVICE_TYPE}", port=30443,
+                           addresses=[socket.inet_aton("127.0.0.1"),
+                                      socket.inet_aton("198.51.100.10")],
+                           properties=props, server="pfleet-x.local.")
+
+    found = controller_from_info(record(path="/api/v1/", tls="1", version="1.2"))
+    assert found is not None
+    assert found.url == "wss://198.51.100.10:30443/api/v1/fleet/connect"
+    assert (found.address, found.port, found.tls, found.version) == ("198.51.100.10", 30443,
+                                                                     True, "1.2")
+    plain = controller_from_info(record(tls="0"))
+    assert plain is not None and plain.url.startswith("ws://198.51.100.10:30443/api/v1/")
+    assert controller_from_info(ServiceInfo(SERVICE_TYPE, f"y.{SERVICE_TYPE}", port=1,
+                                            server="y.local.")) is None  # no address
+
+
 def agent_health(topo: Topology, host: str) -> dict[str, Any] | None:
     """The agent's local /health, fetched from inside its own namespace (loopback)."""
     try:
@@ -102,6 +124,8 @@ def deployment(fleet_topology: Topology, tmp_path: Path) -> Iterator[Deployment]
         d.stop()
 
 
+@pytest.mark.docker
+@pytest.mark.podman
 def test_agents_find_the_controller_by_zeroconf(deployment: Deployment,
                                                  tmp_path: Path) -> None:
     d, topo = deployment, deployment.topo

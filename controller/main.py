@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
 async def serve(config: Config, *, local_agent: bool) -> int:
     app = create_app(config)
-    runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT, access_log=None)
+    # A 4 MiB read buffer keeps large uploads streaming instead of pausing the socket
+    # every 64 KiB (measured: about twice the throughput for multi-GiB zips).
+    runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT, access_log=None,
+                           read_bufsize=4 << 20)
     await runner.setup()
     site = web.TCPSite(runner, config.listen_host, config.listen_port,
                        ssl_context=server_ssl_context(config))

@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 
 import docker
 import docker.errors
+import docker.models.containers
 import requests
 
 from agent.protocol import JobSpec
@@ -103,6 +104,7 @@ EVENT_ACTIONS = {
 # A container whose summary state is one of these keeps its inspected status until
 # the summary changes, so a steady fleet costs one list call per status().
 STABLE_SUMMARY_STATES = frozenset({"running", "paused", "exited", "dead"})
+DIRECT_INSPECT_MAX = 2  # status() of this many handles or fewer inspects them directly
 
 _END = object()  # end-of-stream marker passed from the event thread to the loop
 
@@ -196,6 +198,8 @@ class DockerRuntime(Runtime):
         if not handles:
             return {}
         client = await self._client()
+        if len(handles) <= DIRECT_INSPECT_MAX:
+            return await self._status_direct(client, handles)
         rows = await self._call(client.api.containers, all=True, filters=self._filters)
         by_id = {str(row.get("Id")): row for row in rows}
         result: dict[str, JobStatus] = {}
@@ -235,6 +239,27 @@ class DockerRuntime(Runtime):
         for cid in set(self._status_cache) - by_id.keys():
             del self._status_cache[cid]
         self._stopped.intersection_update(by_id)
+        return result
+
+    async def _status_direct(
+        self, client: docker.DockerClient, handles: list[Handle]
+    ) -> dict[str, JobStatus]:
+        """Status of a few workloads (an engine event names one): one inspect each."""
+        answers = await asyncio.gather(
+            *(self._inspect(client, _ref(h)) for h in handles), return_exceptions=True
+        )
+        result: dict[str, JobStatus] = {}
+        for handle, attrs in zip(handles, answers, strict=True):
+            if isinstance(attrs, BaseException):
+                raise self._failure(attrs) from attrs
+            labels = ((attrs or {}).get("Config") or {}).get("Labels") or {}
+            if attrs is None or labels.get(LABEL_AGENT) != self.settings.agent_name:
+                result[handle.job] = JobStatus("missing", message="container not found")
+                continue
+            cid = str(attrs["Id"])
+            result[handle.job] = status_from_inspect(
+                attrs, engine=self.settings.engine, stopped_by_us=cid in self._stopped
+            )
         return result
 
     async def logs(self, handle: Handle, tail: int) -> str:
@@ -397,18 +422,25 @@ class DockerRuntime(Runtime):
     async def _create_and_start(
         self, client: docker.DockerClient, spec: JobSpec, kwargs: dict[str, Any]
     ) -> Handle:
-        for _ in range(3):  # a name conflict means someone created it meanwhile: look again
-            existing = await self._inspect(client, spec.name)
-            if existing is not None:
-                adopted = await self._adopt_or_clear(client, spec, existing)
-                if adopted is not None:
-                    return adopted
-            await self._ensure_image(client, spec)
+        """Create then start, in as few engine calls as the common case allows: the
+        name is looked up only when creating it conflicts (a re-attach, or an older
+        attempt to replace), the image only when the engine says it is missing."""
+        pulled = False
+        for _ in range(4):
             try:
-                container = await self._run(client.containers.create, **kwargs)
+                cid = await self._run(_create_container, client, kwargs)
             except docker.errors.APIError as exc:
                 text = short_error(str(exc.explanation or exc))
                 if is_name_conflict(exc.status_code, text):
+                    existing = await self._inspect(client, spec.name)
+                    if existing is not None:
+                        adopted = await self._adopt_or_clear(client, spec, existing)
+                        if adopted is not None:
+                            return adopted
+                    continue
+                if not pulled and exc.status_code == 404 and "image" in text.lower():
+                    pulled = True
+                    await self._ensure_image(client, spec)
                     continue
                 failure = self._failure(exc, creating=True)
                 log.warning(
@@ -421,16 +453,16 @@ class DockerRuntime(Runtime):
                 raise failure from exc
             except ENGINE_ERRORS as exc:
                 raise self._failure(exc) from exc
-            await self._start_container(client, spec, str(container.id))
+            await self._start_container(client, spec, cid)
             log.info(
                 "started jid=%s job=%s attempt=%d container=%s image=%s",
                 spec.jid,
                 spec.job,
                 spec.attempt,
-                str(container.id)[:12],
+                cid[:12],
                 spec.image,
             )
-            return self._handle(spec, str(container.id))
+            return self._handle(spec, cid)
         raise RuntimeUnavailable(f"container name {spec.name} keeps being taken")
 
     async def _adopt_or_clear(
@@ -572,8 +604,11 @@ class DockerRuntime(Runtime):
             "max_pool_size": max(10, self.settings.max_concurrency + 2),
         }
         if self.settings.base_url:
-            return docker.DockerClient(base_url=self.settings.base_url, **options)
-        return docker.from_env(**options)
+            client = docker.DockerClient(base_url=self.settings.base_url, **options)
+        else:
+            client = docker.from_env(**options)
+        client.api.trust_env = False  # no proxy settings looked up on every request
+        return client
 
     async def _engine_info(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -666,6 +701,13 @@ class DockerRuntime(Runtime):
 
     def _handle(self, spec: JobSpec, cid: str) -> Handle:
         return Handle(self.name, cid, spec.job, spec.attempt, spec.name, spec.kind)
+
+
+def _create_container(client: docker.DockerClient, kwargs: dict[str, Any]) -> str:
+    """``containers.create`` without the extra inspect the SDK makes afterwards."""
+    create_args = docker.models.containers._create_container_args(
+        {**kwargs, "version": client.api._version})
+    return str(client.api.create_container(**create_args)["Id"])
 
 
 def _pull(client: docker.DockerClient, image: str) -> str:

@@ -58,6 +58,7 @@ class Run:
     per_job_s: list[float]
     controller_cpu_s: float | None = None
     engine_cpu_s: float | None = None
+    children_cpu_s: float | None = None  # the controller's waited-for children
 
 
 def docker_baseline(engine: Engine, count: int, prefix: str) -> Run:
@@ -125,6 +126,7 @@ def pfleet_run(deployment: BenchDeployment, count: int, prefix: str) -> tuple[Ru
         return Phases(t1 - t0, t2 - t1, t3 - t2, polls)
 
     cpu0, ecpu0 = cpu_seconds(deployment.pid), engine_cpu(deployment.engine)
+    all0 = cpu_seconds(deployment.pid, children=True)
     t0 = time.monotonic()
     try:
         with ThreadPoolExecutor(CONCURRENCY) as pool:
@@ -134,8 +136,9 @@ def pfleet_run(deployment: BenchDeployment, count: int, prefix: str) -> tuple[Ru
             http.close()
     wall = time.monotonic() - t0
     cpu1, ecpu1 = cpu_seconds(deployment.pid), engine_cpu(deployment.engine)
+    children = cpu_seconds(deployment.pid, children=True) - all0 - (cpu1 - cpu0)
     run = Run(wall, [p.submit + p.to_finished + p.cleanup for p in phases], cpu1 - cpu0,
-              None if ecpu0 is None or ecpu1 is None else ecpu1 - ecpu0)  # fmt: skip
+              None if ecpu0 is None or ecpu1 is None else ecpu1 - ecpu0, children)  # fmt: skip
     return run, phases
 
 
@@ -149,6 +152,7 @@ def merge(runs: list[Run]) -> Run:
         per_job_s=[t for r in runs for t in r.per_job_s],
         controller_cpu_s=_total([r.controller_cpu_s for r in runs]),
         engine_cpu_s=_total([r.engine_cpu_s for r in runs]),
+        children_cpu_s=_total([r.children_cpu_s for r in runs]),
     )
 
 
@@ -190,6 +194,8 @@ def test_jobs_end_to_end_throughput(bench_deployment, bench_engine: Engine) -> N
                fmt="{:.2f}")  # fmt: skip
     if pfleet.controller_cpu_s is not None:
         report.add("controller CPU (s)", pfleet.controller_cpu_s, fmt="{:.2f}")
+    if pfleet.children_cpu_s is not None:
+        report.add("  its child processes' CPU (s)", pfleet.children_cpu_s, fmt="{:.2f}")
     if pfleet.engine_cpu_s is not None and docker.engine_cpu_s is not None:
         report.add("dockerd CPU (s)", pfleet.engine_cpu_s, docker.engine_cpu_s, "docker run --rm",
                    fmt="{:.2f}")  # fmt: skip

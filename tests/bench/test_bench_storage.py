@@ -473,7 +473,7 @@ class FslinkBench:
     # -- the variants: each returns seconds, checks its output, leaves it for cleanup
 
     def cp(self, case: FslinkCase, cache: str) -> tuple[float, Path]:
-        dst = self.scratch / "cp-dst"
+        dst = self.scratch / self._jid("cp-dst")
         src = self.storebase / case.rel
         self._prepare(src, cache)
         t0 = time.monotonic()

@@ -36,6 +36,7 @@ from controller.store import JobRow, Store
 log = logging.getLogger("pfleet.controller.fleet")
 
 SUSPECT_AFTER_MISSED = 3
+HEARTBEAT_PERSIST_SECONDS = 30.0
 LOGS_CACHE_SECONDS = 2.0
 LOGS_REQUEST_TIMEOUT = 5.0
 
@@ -105,11 +106,18 @@ class Fleet:
         self._logs_refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed: dict[str, asyncio.Event] = {}
+        self._known: dict[str, placement.AgentView] = {}
+        self._persisted_heartbeat: dict[str, tuple[Any, float]] = {}
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self.draining = {a.name for a in await self.store.agents() if a.draining}
+        agents = await self.store.agents()
+        self.draining = {a.name for a in agents if a.draining}
+        for row in agents:
+            hello = row.hello or {}
+            self._remember(row.name, hello, (row.heartbeat or {}).get("capacity")
+                           or hello.get("capacity") or {})
         now = time.monotonic()
         for name in await self.store.agents_with_active_jobs():
             self.disconnected_since.setdefault(name, now)
@@ -161,7 +169,9 @@ class Fleet:
             await old.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"replaced")
         self.sessions[name] = session
         self.disconnected_since.pop(name, None)
-        await self.store.agent_seen(name, hello.found_by or "configured", p.encode_dict(hello))
+        hello_dict = p.encode_dict(hello)
+        await self.store.agent_seen(name, hello.found_by or "configured", hello_dict)
+        self._remember(name, hello_dict, hello.capacity)
         await session.send(p.Welcome(version=p.PROTOCOL_VERSION,
                                      heartbeat_interval=self.config.heartbeat_interval))
         log.info("agent connected agent=%s runtime=%s found_by=%s", name, hello.runtime,
@@ -213,7 +223,7 @@ class Fleet:
     async def _handle(self, session: AgentSession, message: p.Message) -> None:
         if isinstance(message, p.Heartbeat):
             session.heartbeat = message
-            await self.store.agent_heartbeat(session.name, p.encode_dict(message))
+            await self._persist_heartbeat(session, message)
         elif isinstance(message, p.Event):
             await self._on_event(session, message)
         elif isinstance(message, p.Inventory):
@@ -226,6 +236,22 @@ class Fleet:
             log.warning("unexpected message agent=%s type=%s", session.name, message.type)
 
     # ---------------------------------------------------------------- events
+
+    async def _persist_heartbeat(self, session: AgentSession, hb: p.Heartbeat) -> None:
+        """Write a heartbeat to the store only when what it says about the agent's
+        health or capacity changed, or every HEARTBEAT_PERSIST_SECONDS (last seen);
+        500 agents beating every 5 s would otherwise be 100 writes a second."""
+        key = (hb.runtime_ok, tuple(hb.problems), tuple(sorted(hb.capacity.items())),
+               len(hb.running))
+        previous = self._persisted_heartbeat.get(session.name)
+        now = time.monotonic()
+        if previous is not None and previous[0] == key and \
+                now - previous[1] < HEARTBEAT_PERSIST_SECONDS:
+            return
+        self._persisted_heartbeat[session.name] = (key, now)
+        await self.store.agent_heartbeat(session.name, p.encode_dict(hb))
+        if hb.capacity:
+            self._remember(session.name, p.encode_dict(session.hello), hb.capacity)
 
     async def _on_event(self, session: AgentSession, ev: p.Event) -> None:
         values: dict[str, Any] = {}
@@ -334,11 +360,17 @@ class Fleet:
             return 0
         views = self.views(await self.store.usage_by_agent())
         placed = 0
-        for job in queued:
+        no_room: set[placement.Request] = set()  # capacity only shrinks during a round
+        for index, job in enumerate(queued):
+            if index % 64 == 63:
+                await asyncio.sleep(0)  # a long queue must not hold the loop
             req = request_of(job)
+            if req in no_room:
+                continue
             view = placement.choose(req, views.values(), strategy=self.strategy,
                                     selector=self.selector)
             if view is None:
+                no_room.add(req)
                 continue
             session = self.sessions.get(view.name)
             if session is None or not await self.store.assign(job.id, job.attempt, view.name):
@@ -355,18 +387,17 @@ class Fleet:
                      job.attempt, view.name)
         return placed
 
-    def known_views_for_refusal(self, agents: list[Any]) -> list[placement.AgentView]:
-        """Views of every agent ever seen (connected or not), for ``never_fits``."""
-        out = []
-        for row in agents:
-            hello = row.hello or {}
-            cap = (row.heartbeat or {}).get("capacity") or hello.get("capacity") or {}
-            out.append(placement.AgentView(
-                name=row.name, cpu_millicores=int(cap.get("cpu_millicores", 0)),
-                memory_mib=int(cap.get("memory_mib", 0)), gpus=int(cap.get("gpus", 0)),
-                multi_worker=bool((hello.get("capabilities") or {}).get("multi_worker")),
-                labels=dict(hello.get("labels") or {})))
-        return out
+    def known_views(self) -> list[placement.AgentView]:
+        """What every agent ever seen (connected or not) offers, for ``never_fits``;
+        kept in memory so a submit never reads the whole agents table."""
+        return list(self._known.values())
+
+    def _remember(self, name: str, hello: dict[str, Any], capacity: dict[str, Any]) -> None:
+        self._known[name] = placement.AgentView(
+            name=name, cpu_millicores=int(capacity.get("cpu_millicores", 0)),
+            memory_mib=int(capacity.get("memory_mib", 0)), gpus=int(capacity.get("gpus", 0)),
+            multi_worker=bool((hello.get("capabilities") or {}).get("multi_worker")),
+            labels=dict(hello.get("labels") or {}))
 
     # ------------------------------------------------------------ watchers
 

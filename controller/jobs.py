@@ -103,8 +103,7 @@ class JobService:
         """Refuse at submit a job no known agent could ever run."""
         req = request_of(JobRow(id="", seq=0, name="", jid="", kind="", state=State.QUEUED,
                                 attempt=0, agent=None, spec=spec, image="", cmd=""))
-        views = self.fleet.known_views_for_refusal(await self.store.agents())
-        reason = placement.never_fits(req, views, self.fleet.selector)
+        reason = placement.never_fits(req, self.fleet.known_views(), self.fleet.selector)
         if reason:
             raise BadRequest(reason)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.protocol import encode_dict
 from controller.api.middleware import CONFIG, json_response
 from controller.auth import issue_agent_token
 from controller.errors import BadRequest, NotFound
@@ -34,7 +35,12 @@ async def list_agents(request: web.Request) -> web.Response:
     out: list[dict[str, Any]] = []
     for row in await request.app[STORE].agents():
         session = fleet.sessions.get(row.name)
-        hb = row.heartbeat or {}
+        # A connected agent's latest heartbeat is in memory (the store keeps the last
+        # one that changed something, for agents that are gone).
+        hb = (encode_dict(session.heartbeat) if session is not None and session.heartbeat
+              else row.heartbeat or {})
+        seen_ago = (now_mono - session.last_seen if session is not None
+                    else now_wall - row.last_seen)
         if session is None:
             state = "disconnected"
         elif now_mono - session.last_seen > SUSPECT_AFTER_MISSED * config.heartbeat_interval:
@@ -57,7 +63,7 @@ async def list_agents(request: web.Request) -> web.Response:
             "active_jobs": active.get(row.name, 0),
             "draining": row.draining,
             "problems": hb.get("problems", []),
-            "last_seen_seconds_ago": round(now_wall - row.last_seen, 1),
+            "last_seen_seconds_ago": round(seen_ago, 1),
         })
     return json_response(request, {"agents": out})
 

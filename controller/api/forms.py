@@ -188,10 +188,10 @@ async def _read_multipart(request: web.Request, body: FormBody, spool_dir: Path 
             return
         if not isinstance(part, BodyPartReader):
             raise BadRequest("nested multipart bodies are not supported")
-        name = part.name or ""
+        name, filename = part_names(part)
         # Only parts with a filename are files (Werkzeug's rule): a plain text part
         # named data_file is a form field, so pfcon answers "no data_file".
-        if part.filename is not None:
+        if filename is not None:
             if name == "data_file" and spool_dir is not None and body.upload is None:
                 await _spool(part, body, spool_dir, max_upload_bytes)
             else:
@@ -210,6 +210,21 @@ async def _read_multipart(request: web.Request, body: FormBody, spool_dir: Path 
         except (LookupError, UnicodeDecodeError):
             raise BadRequest({name: "not valid text"}) from None
         body.fields.setdefault(name, []).append(text)
+
+
+_SIMPLE_DISPOSITION = re.compile(
+    r'form-data;\s*name="([^"\\]*)"(?:;\s*filename="([^"\\]*)")?\s*')
+
+
+def part_names(part: BodyPartReader) -> tuple[str, str | None]:
+    """(name, filename) of a part.  The plain header every client sends is matched
+    directly; aiohttp's general parser (about 0.2 ms a call, twice per part) is kept
+    for the rare escaped or RFC 2231 forms."""
+    header = part.headers.get("Content-Disposition", "")
+    match = _SIMPLE_DISPOSITION.fullmatch(header)
+    if match is not None:
+        return match.group(1), match.group(2)
+    return part.name or "", part.filename
 
 
 async def _drain(part: BodyPartReader) -> None:

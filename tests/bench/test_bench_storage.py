@@ -221,6 +221,15 @@ def children(pid: int) -> set[int]:
     return found
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter of ``/proc/<pid>/stat`` (``Z`` for a zombie), None if gone."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return data[data.rindex(b")") + 2 :][:1].decode()
+
+
 def memory_cgroup(pid: int) -> Path | None:
     """The v1 memory cgroup directory (or v2 unified one) of a process, once it is an
     operation's leaf (``.../pfleet/<leaf>``)."""
@@ -242,8 +251,9 @@ def memory_cgroup(pid: int) -> Path | None:
 @dataclass
 class WorkerSeen:
     pid: int
-    first: float
-    last: float
+    first: float  # first seen running
+    alive: float  # last seen running (not a zombie)
+    listed: float  # last seen among the children: a zombie stays until it is reaped
     hwm_kib: int = 0
     cgroup: Path | None = None
     cg_peak: int = 0  # memory.max_usage_in_bytes (v1) / memory.peak (v2): page cache too
@@ -251,8 +261,9 @@ class WorkerSeen:
 
 
 class WorkerWatch(threading.Thread):
-    """Every 20 ms: the ``python -m agent.op_worker`` children of ``parent``, when they
-    were first and last seen, their peak VmHWM and their cgroup's peak usage."""
+    """Every 20 ms: the ``python -m agent.op_worker`` children of ``parent``: when they
+    were first seen, last seen running, last seen at all (an exited worker stays a
+    zombie until its parent reaps it), their peak VmHWM and their cgroup's peak usage."""
 
     def __init__(self, parent: int, interval: float = 0.02, limit_s: float = 900.0) -> None:
         super().__init__(daemon=True, name="bench-worker-watch")
@@ -285,8 +296,11 @@ class WorkerWatch(threading.Thread):
                     continue
                 if WORKER_MODULE not in cmdline:
                     continue  # another child, or a worker between fork and exec
-                seen = self.workers[pid] = WorkerSeen(pid, now, now)
-            seen.last = now
+                seen = self.workers[pid] = WorkerSeen(pid, now, now, now)
+            seen.listed = now
+            if process_state(pid) in ("Z", "X", None):
+                continue
+            seen.alive = now
             with contextlib.suppress(OSError, KeyError, ValueError):
                 seen.hwm_kib = max(seen.hwm_kib, status_kib(pid, "VmHWM"))
             if seen.cgroup is None:
@@ -331,6 +345,10 @@ def worker_floor(modules: list[str]) -> tuple[float, int]:
 # ------------------------------------------------------------------ job calls
 
 
+PHASES = ("POST -> 201", "201 -> op worker started", "op worker running",
+          "worker exit -> agent reaped it", "reaped -> client saw finished")  # fmt: skip
+
+
 @dataclass
 class JobRun:
     """One job end to end as the client saw it, split with the worker's lifetime."""
@@ -338,8 +356,9 @@ class JobRun:
     total_s: float
     post_s: float  # POST -> 201
     to_worker_s: float | None = None  # 201 -> worker first seen
-    worker_s: float | None = None  # worker first -> last seen
-    after_worker_s: float | None = None  # worker last seen -> client saw the final status
+    worker_s: float | None = None  # worker first -> last seen running
+    reap_s: float | None = None  # worker last seen running -> reaped by the agent
+    after_worker_s: float | None = None  # reaped -> the client saw the final status
     worker_hwm_kib: int | None = None
     cg_peak_bytes: int | None = None
     cg_anon_peak_bytes: int | None = None
@@ -347,8 +366,9 @@ class JobRun:
 
     def phases(self) -> dict[str, float | None]:
         return {"POST -> 201": self.post_s, "201 -> op worker started": self.to_worker_s,
-                "op worker lifetime": self.worker_s,
-                "worker exit -> client saw finished": self.after_worker_s}  # fmt: skip
+                "op worker running": self.worker_s,
+                "worker exit -> agent reaped it": self.reap_s,
+                "reaped -> client saw finished": self.after_worker_s}  # fmt: skip
 
 
 def post_form(http: PfconHttp, path: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -379,8 +399,9 @@ def timed_job(deployment: BenchDeployment, http: PfconHttp, kind: str,
     seen = watch.only()
     if seen is not None:
         run.to_worker_s = seen.first - t201
-        run.worker_s = seen.last - seen.first
-        run.after_worker_s = t1 - seen.last
+        run.worker_s = seen.alive - seen.first
+        run.reap_s = seen.listed - seen.alive
+        run.after_worker_s = t1 - seen.listed
         run.worker_hwm_kib = seen.hwm_kib
         run.cg_peak_bytes = seen.cg_peak or None
         run.cg_anon_peak_bytes = seen.cg_anon_peak or None
@@ -578,11 +599,15 @@ def fslink_report(results: FslinkResults, cases: list[FslinkCase], caches: list[
             for v in ("runner_limited", "runner_unlimited", "in_process"):
                 report.add(f"  {VARIANTS[v]} (s)", t[v], base, "cp -r", fmt="{:.2f}")
             jobs = results.jobs.get((case.label, cache), [])
-            for phase in ("POST -> 201", "201 -> op worker started", "op worker lifetime",
-                          "worker exit -> client saw finished"):  # fmt: skip
+            for phase in PHASES:
                 values = [v for j in jobs if (v := j.phases()[phase]) is not None]
                 if values:
                     report.add(f"  job: {phase} (s)", median(values), fmt="{:.2f}")
+            for v in ("runner_limited", "runner_unlimited"):
+                seen = results.workers.get((case.label, cache, v), [])
+                if seen:
+                    reap = median([w.listed - w.alive for w in seen])
+                    report.add(f"  {VARIANTS[v]}: worker exit -> reaped (s)", reap, fmt="{:.2f}")
             hwm = [j.worker_hwm_kib for j in jobs if j.worker_hwm_kib]
             cg = [j.cg_peak_bytes for j in jobs if j.cg_peak_bytes]
             if hwm:
@@ -806,8 +831,7 @@ def swift_report(bench: SwiftBench, floor: tuple[float, int]) -> Report:
         report.add(f"  {label}: job throughput (MB/s)", BIG_SIZE / job_s / 1e6,
                    BIG_SIZE / cli_s / 1e6, cli_name, ratio=cli_s / job_s,
                    fmt="{:.0f}")  # fmt: skip
-        for phase in ("POST -> 201", "201 -> op worker started", "op worker lifetime",
-                      "worker exit -> client saw finished"):  # fmt: skip
+        for phase in PHASES:
             values = [v for r in runs if (v := r.phases()[phase]) is not None]
             if values:
                 report.add(f"  job: {phase} (s)", median(values), fmt="{:.2f}")

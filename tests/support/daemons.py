@@ -674,6 +674,9 @@ def run_dockerd(
                 d.stop()
             kill_mentioning(str(scratch))  # a containerd/shim outliving dockerd
             umount_under(scratch)  # <exec-root>/netns/default and the like
+            # dockerd bind-mounts its data root onto itself; one killed and restarted
+            # (the topology's fault tests) leaves a second mount that a stop keeps.
+            umount_under(data_root)
             if own_netns:
                 netns_del(netns)
             shutil.rmtree(scratch, ignore_errors=True)

@@ -203,3 +203,28 @@ def test_drain_waits_for_running_jobs_and_undrain_resumes(tmp_path: Path, contro
                  == "COMPLETE", 20, what="dr-2 to run after undrain")
     finally:
         proc.stop()
+
+
+def test_agent_health_names_an_unreachable_engine_and_a_full_storebase(tmp_path: Path,
+                                                                      controller) -> None:
+    port = free_port()
+    proc = fake_agent(tmp_path, controller, "h11", PFLEET_HEALTH_LISTEN=f"127.0.0.1:{port}",
+                      CONTAINER_ENV="docker", DOCKER_HOST=f"unix://{tmp_path}/no-engine.sock",
+                      PFLEET_AGENT_MIN_FREE_MIB=str(1 << 40))
+    proc.start()
+    try:
+        url = f"http://127.0.0.1:{port}/health"
+
+        def problems() -> list[str]:
+            try:
+                status, body = http_json("GET", url, timeout=2.0)
+            except OSError:
+                return []
+            return list(body["problems"]) if status == 503 and isinstance(body, dict) else []
+
+        wait_for(lambda: len(problems()) >= 2, 30, what="both problems reported")
+        found = problems()
+        assert any(p.startswith("runtime docker:") and "unreachable" in p for p in found), found
+        assert any("nearly full" in p for p in found), found
+    finally:
+        proc.stop()

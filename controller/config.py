@@ -14,7 +14,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from controller.errors import ConfigError
 
@@ -233,31 +233,25 @@ def load_config(env: Mapping[str, str] | None = None, *, dev: bool = False) -> C
             problems.append(f"{name}: {exc}")
             return default
 
-    def get_int(name: str, default: int, minimum: int = 0) -> int:
+    def get_number(name: str, default: float, minimum: float, kind: type = int) -> Any:
         raw = env.get(name)
         if raw is None or raw == "":
             return default
         try:
-            number = int(raw)
+            number = kind(raw)
         except ValueError:
-            problems.append(f"{name}: not an integer: {raw!r}")
+            what = "an integer" if kind is int else "a number"
+            problems.append(f"{name}: not {what}: {raw!r}")
             return default
         if number < minimum:
             problems.append(f"{name}: must be at least {minimum}, got {number}")
         return number
 
+    def get_int(name: str, default: int, minimum: int = 0) -> int:
+        return int(get_number(name, default, minimum, int))
+
     def get_float(name: str, default: float, minimum: float) -> float:
-        raw = env.get(name)
-        if raw is None or raw == "":
-            return default
-        try:
-            number = float(raw)
-        except ValueError:
-            problems.append(f"{name}: not a number: {raw!r}")
-            return default
-        if number < minimum:
-            problems.append(f"{name}: must be at least {minimum}, got {number}")
-        return number
+        return float(get_number(name, default, minimum, float))
 
     is_dev = dev or get_bool("PFLEET_DEV", False)
     values["dev"] = is_dev

@@ -151,11 +151,16 @@ def prime(path: Path) -> None:
                     pass
 
 
+def python_path() -> str:
+    """PYTHONPATH for interpreters that import the agent (a caller's own first)."""
+    return os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO_ROOT)) if p)
+
+
 def warm_tools() -> None:
     """Load what a running agent and a shell have in memory anyway: the interpreter, the
     agent's modules (an op worker imports them at each start) and ``cp``."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT)
+    env["PYTHONPATH"] = python_path()
     code = "import agent.op_worker, agent.ops, agent.ops_swift"
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
     subprocess.run(["cp", "--version"], stdout=subprocess.DEVNULL, check=True, timeout=60)
@@ -332,7 +337,7 @@ def worker_floor(modules: list[str]) -> tuple[float, int]:
             + "print(next(l.split()[1] for l in open('/proc/self/status') "
               "if l.startswith('VmRSS:')))\n")  # fmt: skip
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT)
+    env["PYTHONPATH"] = python_path()
     t0 = time.monotonic()
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=60)  # fmt: skip
@@ -540,10 +545,10 @@ class FslinkBench:
         return took, key
 
     def runner_limited(self, case: FslinkCase, cache: str) -> tuple[float, Path]:
-        return self._runner(self.limited, "runner-limited", case, cache)
+        return self._runner(self.limited, "runner_limited", case, cache)
 
     def runner_unlimited(self, case: FslinkCase, cache: str) -> tuple[float, Path]:
-        return self._runner(self.unlimited, "runner-unlimited", case, cache)
+        return self._runner(self.unlimited, "runner_unlimited", case, cache)
 
     def in_process(self, case: FslinkCase, cache: str) -> tuple[float, Path]:
         jid = self._jid("inproc")
@@ -626,6 +631,11 @@ def fslink_report(results: FslinkResults, cases: list[FslinkCase], caches: list[
     report.note(
         "every run starts after sync + drop_caches + reloading python, the agent's modules "
         "and cp; warm = then the source read once; outputs are not synced (as cp -r)"
+    )
+    report.note(
+        "reading the variants: OpRunner no limits - run_op in-process = the worker's start "
+        "and the runner's wait for its exit; job limits - no limits = the memory cgroup "
+        "(it counts the page cache the copy writes); job - OpRunner = controller and agent"
     )
     report.note(
         f"job: cpu_limit {CPU_LIMIT}, memory_limit {MEMORY_LIMIT} MiB, status polled "

@@ -137,7 +137,8 @@ def _is_ipv4(value: str) -> bool:
 
 
 def parse_ipv4_list(value: str) -> tuple[str, ...]:
-    """``10.1.2.3,10.1.2.4``: local IPv4 addresses (zeroconf advertises on IPv4 only)."""
+    """``198.51.100.10,198.51.100.11``: local IPv4 addresses (zeroconf advertises on IPv4
+    only)."""
     out: list[str] = []
     for item in filter(None, (part.strip() for part in value.split(","))):
         try:

@@ -13,6 +13,7 @@ lives in the agent package and needs nothing but the standard library.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
@@ -49,7 +50,7 @@ class LinkError(ValueError):
 
 def count_files(root: Path) -> int:
     """Count regular files under root, excluding ``*.chrislink`` (pfcon's ``nfiles``)."""
-    return sum(1 for _ in _iter_files(root, skip_links=True))
+    return sum(1 for _ in iter_files(root, skip_links=True))
 
 
 def link_target_parts(text: str) -> Parts:
@@ -107,7 +108,7 @@ class _Expansion:
                 shutil.rmtree(path)
         # links skipped inside a source that is kept (its top folder is itself a
         # target) would otherwise reach the plugin; no link ever survives expansion
-        for rel, path in _iter_files(self.root, skip_links=False):
+        for rel, path in iter_files(self.root, skip_links=False):
             if rel.endswith(LINK_SUFFIX):
                 path.unlink()
 
@@ -243,12 +244,17 @@ class _Expansion:
                     _link_or_copy(sp, dp)
 
 
-def _iter_files(root: Path, *, skip_links: bool) -> Iterator[tuple[str, Path]]:
-    """Yield ``(relative posix path, path)`` of the regular files under root.
+def iter_files(root: Path, *, skip_links: bool,
+               delete_links: bool = False) -> Iterator[tuple[str, Path]]:
+    """Yield ``(relative posix path, path)`` of the regular files under root, in
+    ``os.walk`` top-down order (unsorted, like pfcon).
 
     Symlinks are neither yielded nor descended into; unreadable directories are
-    skipped, and a missing root yields nothing.
+    skipped, and a missing root yields nothing.  With ``skip_links``, entries named
+    ``*.chrislink`` are not yielded; ``delete_links`` also unlinks them (symlinks
+    too) as they are met — pfcon's fix for plugin-written links (#175).
     """
+    skip = skip_links or delete_links
     stack: list[tuple[str, str]] = [(os.fspath(root), "")]
     while stack:
         path, rel = stack.pop()
@@ -267,7 +273,11 @@ def _iter_files(root: Path, *, skip_links: bool) -> Iterator[tuple[str, Path]]:
                 continue
             if is_dir:
                 subdirs.append((entry.path, entry_rel + "/"))
-            elif is_file and not (skip_links and entry.name.endswith(LINK_SUFFIX)):
+            elif skip and entry.name.endswith(LINK_SUFFIX):
+                if delete_links:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+            elif is_file:
                 yield entry_rel, Path(entry.path)
         stack.extend(reversed(subdirs))
 

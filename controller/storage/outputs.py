@@ -7,7 +7,6 @@ never reported (pfcon#175: in fslink mode they are deleted as they are met).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 import time
@@ -15,9 +14,10 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from agent.chrislinks import iter_files
+
 __all__ = ["ZIP64_THRESHOLD", "iter_output_files", "list_outputs", "zip_chunks"]
 
-LINK_SUFFIX = ".chrislink"
 # Entries at least this big get zip64 headers up front: the size is only known from
 # stat() and a file that keeps growing past 4 GiB must not break the stream.
 ZIP64_THRESHOLD = 1 << 30
@@ -36,32 +36,7 @@ def iter_output_files(
     with ``delete_chrislinks`` every non-directory ``*.chrislink`` entry (symlinks
     too) is unlinked from disk as it is met.
     """
-    skip = skip_chrislinks or delete_chrislinks
-    stack: list[tuple[str, str]] = [(os.fspath(root), "")]
-    while stack:
-        path, rel = stack.pop()
-        try:
-            with os.scandir(path) as it:
-                entries = list(it)
-        except OSError:
-            continue
-        subdirs: list[tuple[str, str]] = []
-        for entry in entries:
-            entry_rel = f"{rel}{entry.name}"
-            try:
-                is_dir = entry.is_dir(follow_symlinks=False)
-                is_file = entry.is_file(follow_symlinks=False)
-            except OSError:
-                continue
-            if is_dir:
-                subdirs.append((entry.path, entry_rel + "/"))
-            elif entry.name.endswith(LINK_SUFFIX) and skip:
-                if delete_chrislinks:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
-            elif is_file:
-                yield entry_rel, Path(entry.path)
-        stack.extend(reversed(subdirs))
+    return iter_files(root, skip_links=skip_chrislinks, delete_links=delete_chrislinks)
 
 
 def list_outputs(root: Path, *, delete_chrislinks: bool, skip_chrislinks: bool = True) -> list[str]:

@@ -11,6 +11,7 @@ from tests.support.engines import (
     PYTHON_IMAGE,
     Engine,
     ping,
+    run_to_completion,
     wait_until,
 )
 
@@ -21,7 +22,7 @@ pytest_plugins = ["tests.support.engines"]
 def _run(engine: Engine, image: str, command: list[str], **kwargs) -> bytes:
     client = engine.client()
     try:
-        return client.containers.run(image, command, remove=True, **kwargs)
+        return run_to_completion(client, image, command, **kwargs)
     finally:
         client.close()
 

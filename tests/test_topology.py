@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from tests.support.daemons import ping, wait_until
-from tests.support.engines import BUSYBOX_IMAGE, CONTAINER_NETWORK
+from tests.support.engines import BUSYBOX_IMAGE, CONTAINER_NETWORK, run_to_completion
 from tests.support.topology import HOST_NETWORK, RouteError, Topology
 
 pytestmark = [pytest.mark.docker, pytest.mark.podman]
@@ -107,7 +107,7 @@ def test_each_engine_runs_busybox(fleet_topology: Topology) -> None:
     for h in fleet_topology.hosts:
         client = h.client()
         try:
-            out = client.containers.run(BUSYBOX_IMAGE, ["echo", h.name], remove=True)
+            out = run_to_completion(client, BUSYBOX_IMAGE, ["echo", h.name])
         finally:
             client.close()
         assert out == f"{h.name}\n".encode(), h
@@ -150,7 +150,7 @@ def test_storebase_is_shared_between_hosts(fleet_topology: Topology) -> None:
     ):
         client = h.client()
         try:
-            out = client.containers.run(BUSYBOX_IMAGE, cmd, volumes=mount, remove=True)
+            out = run_to_completion(client, BUSYBOX_IMAGE, cmd, volumes=mount)
         finally:
             client.close()
     assert out == b"written-on-h1\n"
@@ -203,6 +203,6 @@ def test_kill_and_start_engine(fleet_topology: Topology, name: str) -> None:
     assert ping(h.engine_url)
     client = h.client()
     try:
-        assert client.containers.run(BUSYBOX_IMAGE, ["echo", "back"], remove=True) == b"back\n"
+        assert run_to_completion(client, BUSYBOX_IMAGE, ["echo", "back"]) == b"back\n"
     finally:
         client.close()

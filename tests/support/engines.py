@@ -34,6 +34,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,6 +64,7 @@ __all__ = [
     "docker_engine",
     "ping",
     "podman_engine",
+    "run_to_completion",
     "start_docker_engine",
     "start_podman_engine",
     "wait_until",
@@ -129,6 +131,25 @@ def start_podman_engine(build_images: bool = True) -> Iterator[Engine]:
         ) as engine:
             yield engine
 
+
+
+def run_to_completion(client: Any, image: str, command: list[str], **kwargs: Any) -> bytes:
+    """Run a container to its end and return its stdout (raises ContainerError on a
+    non-zero exit).  Detach, wait and read the logs rather than stream an attach:
+    Podman's compat attach stream sometimes never ends for a container that exits at
+    once (seen as a hang in a CI run)."""
+    import docker.errors
+
+    container = client.containers.run(image, command, detach=True, **kwargs)
+    try:
+        result = container.wait(timeout=60)
+        if result.get("StatusCode") != 0:
+            raise docker.errors.ContainerError(
+                container, result.get("StatusCode"), command, image,
+                container.logs(stdout=False, stderr=True))
+        return bytes(container.logs(stdout=True, stderr=False))
+    finally:
+        container.remove(force=True)
 
 # --------------------------------------------------------------------------- fixtures
 

@@ -23,16 +23,17 @@ Safety (link files and the tree are client data):
   copy into itself;
 * a visited set of targets stops link loops.
 
-Files are copied in parallel by a small thread pool with the kernel's in-kernel
-copy (``copy_file_range``, then ``sendfile``), each into a temporary name that is
-renamed into place when complete.  Modes are 0644 for files and 0755 for dirs.
+Files are copied by a small thread pool with the kernel's in-kernel copy
+(``copy_file_range``, then ``sendfile``), in batches of one destination directory
+(a hand-off per file costs more than copying a small file).  ``incoming`` is new
+and private to the job, so each file is written at its final name and removed if
+its copy fails.  Modes are 0644 for files and 0755 for dirs.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import itertools
 import os
 import stat
 import threading
@@ -44,12 +45,13 @@ from agent.chrislinks import LINK_SUFFIX, link_target_parts
 
 __all__ = ["DEFAULT_WORKERS", "CopyError", "CopyStats", "fetch_inputs"]
 
-DEFAULT_WORKERS = 8
-MAX_IN_FLIGHT = 256
+DEFAULT_WORKERS = 4  # a copy is mostly kernel time: a few threads keep the disk busy
+MAX_IN_FLIGHT = 16  # batches queued ahead of the copiers (bounds the walker's lead)
+BATCH_FILES = 128  # files handed to a copier at once (per-file hand-offs cost more than a copy)
 MAX_LINK_SIZE = 4096
 _CHUNK = 1 << 30
 _OPEN_SRC = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_OPEN_TMP = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_DST = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 Parts = tuple[str, ...]
 
@@ -81,10 +83,20 @@ def fetch_inputs(storebase: Path, input_dirs: list[Parts], output_dir: Parts, in
         try:
             for prefix in input_dirs:
                 fetch.collect(prefix)
+                fetch.drain()  # so a later input dir's copy of a path wins, as in pfcon
         finally:
             fetch.drain()
     fetch.raise_failure()
     return fetch.stats
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it (os.umask would race other threads)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o777  # unknown: always set modes explicitly
 
 
 def _show(parts: Parts) -> str:
@@ -104,9 +116,10 @@ class _Fetch:
         self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
         self._lock = threading.Lock()
         self._failures: list[str] = []
-        self._pending: set[Future[int]] = set()
-        self._tmp_names = itertools.count()
-        self._tag = f"{os.getpid()}"
+        self._pending: set[Future[None]] = set()
+        self._batch: list[tuple[str, str, Parts]] = []  # (source path, name, storage path)
+        self._batch_dir: Parts = ()
+        self._umask = _current_umask()
 
     # ----------------------------------------------------------- collecting
 
@@ -227,37 +240,40 @@ class _Fetch:
     # -------------------------------------------------------------- copying
 
     def _submit(self, rel: Parts, dest: Parts) -> None:
-        self.raise_failure()
-        self._ensure_dir(dest[:-1])
+        """Queue one file; files of one destination directory travel as one batch."""
+        dst_dir = dest[:-1]
+        if self._batch and (self._batch_dir != dst_dir or len(self._batch) >= BATCH_FILES):
+            self.flush()
+        if not self._batch:
+            self.raise_failure()
+            self._ensure_dir(dst_dir)
+            self._batch_dir = dst_dir
+        self._batch.append((os.path.join(self.root, *rel), dest[-1], rel))
+
+    def flush(self) -> None:
+        """Hand the current batch to the pool (blocks while MAX_IN_FLIGHT are queued)."""
+        if not self._batch:
+            return
         assert self.pool is not None
-        src = os.path.join(self.root, *rel)
-        dst_dir = os.path.join(self.incoming, *dest[:-1])
+        batch, self._batch = self._batch, []
+        dst_dir = os.path.join(self.incoming, *self._batch_dir)
         self._slots.acquire()
-        future = self.pool.submit(self._copy, src, dst_dir, dest[-1])
-        is_link = rel[-1].endswith(LINK_SUFFIX)
+        future = self.pool.submit(self._copy_batch, dst_dir, batch)
         with self._lock:
             self._pending.add(future)
-        future.add_done_callback(lambda f: self._done(f, rel, is_link))
+        future.add_done_callback(self._done)
 
-    def _done(self, future: Future[int], rel: Parts, is_link: bool) -> None:
+    def _done(self, future: Future[None]) -> None:
         self._slots.release()
         with self._lock:
             self._pending.discard(future)
-            exc = future.exception()
-            if exc is not None:
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-                self._failures.append(f"cannot copy {_show(rel)!r}: {reason}")
-                return
-            size = future.result()
-            if size >= 0 and not is_link:
-                self.stats.files += 1
-                self.stats.bytes += size
 
     def drain(self) -> None:
+        self.flush()
         with self._lock:
             pending = list(self._pending)
         for future in pending:
-            future.exception()  # waits; failures are collected by _done
+            future.exception()  # waits; failures are recorded by _copy_batch
 
     def raise_failure(self) -> None:
         with self._lock:
@@ -272,15 +288,41 @@ class _Fetch:
             path = os.path.join(self.incoming, *sub)
             try:
                 os.mkdir(path, 0o755)
-                os.chmod(path, 0o755)
+                if self._umask & 0o755:
+                    os.chmod(path, 0o755)
             except FileExistsError:
                 if not stat.S_ISDIR(os.lstat(path).st_mode):
                     raise CopyError(f"input paths conflict at {_show(sub)!r}: both a file "
                                     "and a directory") from None
             self._dirs.add(sub)
 
+    def _copy_batch(self, dst_dir: str, batch: list[tuple[str, str, Parts]]) -> None:
+        """Copy the files of one batch; stop at the first failure and record it."""
+        files = size = 0
+        for src, name, rel in batch:
+            if self._failures:
+                break  # another batch failed: the job fails anyway
+            try:
+                copied = self._copy(src, dst_dir, name)
+            except OSError as exc:
+                with self._lock:
+                    self._failures.append(f"cannot copy {_show(rel)!r}: {exc.strerror or exc}")
+                break
+            if copied >= 0 and not rel[-1].endswith(LINK_SUFFIX):
+                files += 1
+                size += copied
+        with self._lock:
+            self.stats.files += files
+            self.stats.bytes += size
+
     def _copy(self, src: str, dst_dir: str, name: str) -> int:
-        """Copy one file (temp name, then rename); return its size, -1 if it vanished."""
+        """Copy one file; return its size, -1 if it vanished or is no longer regular.
+
+        ``incoming`` is fresh and private to this job, so the file is written at its
+        final name and removed again if the copy fails.  Two inputs that map to one
+        name (two input dirs holding the same path) replace each other whole, as
+        pfcon's copies do: the second goes through a temporary name and a rename.
+        """
         try:
             sfd = os.open(src, _OPEN_SRC)
         except FileNotFoundError:
@@ -289,33 +331,44 @@ class _Fetch:
             st = os.fstat(sfd)
             if not stat.S_ISREG(st.st_mode):
                 return -1
-            tmp = os.path.join(dst_dir, f".pfleet-{self._tag}-{next(self._tmp_names)}.part")
-            dfd = os.open(tmp, _OPEN_TMP, 0o644)
+            final = os.path.join(dst_dir, name)
+            try:
+                dst = final
+                dfd = os.open(dst, _OPEN_DST, 0o644)
+            except FileExistsError:
+                dst = os.path.join(dst_dir, f".pfleet-{threading.get_ident()}.part")
+                dfd = os.open(dst, (_OPEN_DST & ~os.O_EXCL) | os.O_TRUNC, 0o644)
             try:
                 try:
-                    size = _copy_fd(sfd, dfd)
-                    os.fchmod(dfd, 0o644)
+                    size = _copy_fd(sfd, dfd, st.st_size)
+                    if self._umask & 0o644:
+                        os.fchmod(dfd, 0o644)
                 finally:
                     os.close(dfd)
-                os.rename(tmp, os.path.join(dst_dir, name))
+                if dst != final:
+                    os.rename(dst, final)
             except BaseException:
                 with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+                    os.unlink(dst)
                 raise
             return size
         finally:
             os.close(sfd)
 
 
-def _copy_fd(src: int, dst: int) -> int:
-    """Copy everything from src to dst in the kernel when it can; return the bytes copied."""
+def _copy_fd(src: int, dst: int, size: int) -> int:
+    """Copy ``size`` bytes (what fstat said) from src to dst, in the kernel when it can;
+    return the bytes copied.  A file that reports size 0 (empty, or a pseudo-file)
+    is read to its end instead."""
     total = 0
     try:
-        while True:
-            n = os.copy_file_range(src, dst, _CHUNK)
+        while total < size:
+            n = os.copy_file_range(src, dst, min(size - total, _CHUNK))
             if n == 0:
-                return total
+                return total  # shrank while we copied
             total += n
+        if size:
+            return total
     except OSError:
         if total:
             raise

@@ -139,6 +139,7 @@ class Supervisor:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.op_runner.close()
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=f"pfleet-agent-{name}")
@@ -310,6 +311,13 @@ class Supervisor:
 
     async def _observe(self, tracked: Tracked, status: JobStatus) -> None:
         spec = tracked.spec
+        if status.state == "exited" and status.extra.get("failed"):
+            # Ended without an exit status (it never started: bad image, ...): reported
+            # like a refused start, with the runtime's reason.
+            await self._finish(tracked, p.Event(
+                seq=0, job=spec.job, attempt=spec.attempt, state="failed",
+                message=status.message, finished_at=status.finished_at or now_rfc3339()))
+            return
         if status.state in ("running", "exited") and not tracked.running_reported:
             tracked.started_at = status.started_at or now_rfc3339()
             self._report(p.Event(seq=0, job=spec.job, attempt=spec.attempt, state="running",

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +115,25 @@ def big_sb(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def runner(tmp_path: Path, sb: Path) -> Iterator[OpRunner]:
-    r = OpRunner(tmp_path / "state" / "ops", sb, poll_interval=0.05)
+async def make_runner() -> AsyncIterator[Callable[..., OpRunner]]:
+    """OpRunners that are closed (their fork server stopped) when the test ends."""
+    made: list[OpRunner] = []
+
+    def make(*args: Any, **kwargs: Any) -> OpRunner:
+        made.append(OpRunner(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for r in made:
+        await r.close()
+
+
+@pytest.fixture(params=[True, False], ids=["forked", "spawned"])
+def runner(request: pytest.FixtureRequest, tmp_path: Path, sb: Path,
+           make_runner: Callable[..., OpRunner]) -> Iterator[OpRunner]:
+    """Workers forked by the fork server, and started as new processes (its fallback)."""
+    r = make_runner(tmp_path / "state" / "ops", sb, poll_interval=0.05,
+                    fork_server=request.param)
     yield r
     r.prune([])  # leftover cgroups of a failed test
 
@@ -232,8 +249,9 @@ async def test_too_little_memory_is_oomkilled(runner: OpRunner) -> None:
 @pytest.mark.parametrize(("memory", "expected"), [(100, RLIMIT_FLOOR_MIB), (700, 700)])
 async def test_without_cgroups_the_address_space_is_limited(tmp_path: Path, sb: Path,
                                                             pids: Pids, memory: int,
-                                                            expected: int) -> None:
-    runner = OpRunner(tmp_path / "ops-rlimit", sb, use_cgroups=False, poll_interval=0.05)
+                                                            expected: int,
+        make_runner: Callable[..., OpRunner]) -> None:
+    runner = make_runner(tmp_path / "ops-rlimit", sb, use_cgroups=False, poll_interval=0.05)
     assert runner.describe_limits() == f"memory=RLIMIT_AS (floor {RLIMIT_FLOOR_MIB} MiB) cpu=none"
     seen: list[ChildRef] = []
     task = asyncio.create_task(runner.run(copy_spec(memory=memory),
@@ -249,8 +267,9 @@ async def test_without_cgroups_the_address_space_is_limited(tmp_path: Path, sb: 
 
 @pytest.mark.parametrize(("enforce", "memory", "cpu"), [(False, 300, 1000), (True, 0, 0)])
 async def test_ignored_or_zero_limits_leave_the_worker_unlimited(
-        tmp_path: Path, sb: Path, pids: Pids, enforce: bool, memory: int, cpu: int) -> None:
-    runner = OpRunner(tmp_path / "ops", sb, enforce_limits=enforce, poll_interval=0.05)
+        tmp_path: Path, sb: Path, pids: Pids, enforce: bool, memory: int, cpu: int,
+        make_runner: Callable[..., OpRunner]) -> None:
+    runner = make_runner(tmp_path / "ops", sb, enforce_limits=enforce, poll_interval=0.05)
     seen: list[ChildRef] = []
     task = asyncio.create_task(runner.run(copy_spec(memory=memory, cpu=cpu),
                                           on_started=freeze(pids, seen)))
@@ -295,6 +314,40 @@ async def test_kill_stops_a_running_worker(runner: OpRunner, pids: Pids) -> None
     assert not alive(seen[0])
 
 
+def parent_pid(pid: int) -> int:
+    stat = proc_file(pid, "stat")
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+async def test_a_forked_worker_outlives_its_fork_server(
+        tmp_path: Path, big_sb: Path, pids: Pids,
+        make_runner: Callable[..., OpRunner]) -> None:
+    runner = make_runner(tmp_path / "ops", big_sb, poll_interval=0.05)
+    seen: list[ChildRef] = []
+    task = asyncio.create_task(runner.run(copy_spec(), on_started=freeze(pids, seen)))
+    await until(lambda: seen, "the worker to start")
+    server = runner.fork_server_pid
+    assert server is not None and parent_pid(seen[0].pid) == server
+    os.kill(server, signal.SIGKILL)
+    await until(lambda: runner.fork_server_pid is None, "the runner to notice")
+    os.kill(seen[0].pid, signal.SIGCONT)
+    result = await asyncio.wait_for(task, WAIT)
+    assert result == OpResult(0, "copied 3000 files (0.0 MiB) from 1 input dirs\n", "", False)
+    # the next operation gets a new fork server
+    again: list[ChildRef] = []
+    result = await asyncio.wait_for(runner.run(copy_spec("job2"), on_started=again.append),
+                                    WAIT)
+    assert result.exit_code == 0, result
+    assert runner.fork_server_pid not in (None, server)
+    assert parent_pid_or_none(again[0].pid) in (None, runner.fork_server_pid)
+
+
+def parent_pid_or_none(pid: int) -> int | None:
+    with contextlib.suppress(OSError):
+        return parent_pid(pid)
+    return None
+
+
 # --------------------------------------------------------- after a restart
 
 
@@ -322,7 +375,8 @@ def spec_json(spec: p.JobSpec) -> str:
 
 
 async def test_a_new_runner_reattaches_to_a_live_worker_after_kill_9(
-        tmp_path: Path, sb: Path, pids: Pids) -> None:
+        tmp_path: Path, sb: Path, pids: Pids,
+        make_runner: Callable[..., OpRunner]) -> None:
     work, ref_file = tmp_path / "state" / "ops", tmp_path / "ref.json"
     spec = copy_spec()
     agent_proc = start_script(AGENT_SCRIPT, str(work), str(sb), spec_json(spec), str(ref_file))
@@ -331,11 +385,16 @@ async def test_a_new_runner_reattaches_to_a_live_worker_after_kill_9(
     ref = ChildRef.from_dict(json.loads(ref_file.read_text()))
     assert ref is not None
     pids.add(ref)
+    server = parent_pid(ref.pid)  # the old agent's fork server
+    assert proc_file(server, "cmdline").split("\0")[1:3] == ["-m", "agent.op_forkserver"]
     agent_proc.kill()  # kill -9 of the agent
     await until(lambda: agent_proc.poll() is not None, "the old agent to die")
     assert alive(ref), "the worker must outlive its agent"
+    await until(lambda: not os.path.exists(f"/proc/{server}/cmdline")
+                or "op_forkserver" not in proc_file(server, "cmdline"),
+                "the fork server to leave with its agent")
 
-    runner = OpRunner(work, sb, poll_interval=0.05)
+    runner = make_runner(work, sb, poll_interval=0.05)
     started: list[ChildRef] = []
     task = asyncio.create_task(runner.run(spec, child=ref, on_started=started.append))
     await asyncio.sleep(0.5)
@@ -352,13 +411,14 @@ async def test_a_new_runner_reattaches_to_a_live_worker_after_kill_9(
 
 
 async def test_a_result_left_at_restart_is_reported_without_rerunning(
-        tmp_path: Path, sb: Path, runner: OpRunner) -> None:
+        tmp_path: Path, sb: Path, runner: OpRunner,
+        make_runner: Callable[..., OpRunner]) -> None:
     spec = copy_spec()
     refs: list[ChildRef] = []
     first = await asyncio.wait_for(runner.run(spec, on_started=refs.append), WAIT)
     assert first.exit_code == 0
     (sb / "key-jid1").rename(tmp_path / "moved-away")  # a re-run would recreate it
-    again = OpRunner(runner.work_dir, sb)
+    again = make_runner(runner.work_dir, sb)
     started: list[ChildRef] = []
     second = await asyncio.wait_for(again.run(spec, child=refs[0], on_started=started.append),
                                     WAIT)
@@ -539,7 +599,8 @@ async def test_removing_or_cancelling_an_op_kills_its_worker(tmp_path: Path, big
 
 @pytest.mark.parametrize("use_cgroups", [True, False])
 async def test_swift_ops_fit_in_a_small_memory_limit(tmp_path: Path, swift_service: Any,
-                                                     use_cgroups: bool) -> None:
+                                                     use_cgroups: bool,
+        make_runner: Callable[..., OpRunner]) -> None:
     # 100 MiB: under a cgroup that is the limit; under RLIMIT_AS it is raised to the floor
     container = f"ops-{os.urandom(5).hex()}"
     swift_service.put_objects(container, {f"{DATA}/a.txt": b"a", f"{DATA}/b/c.txt": b"c"})
@@ -547,7 +608,7 @@ async def test_swift_ops_fit_in_a_small_memory_limit(tmp_path: Path, swift_servi
              "key": swift_service.key, "container": container}
     sb = tmp_path / "storeBase"
     sb.mkdir()
-    runner = OpRunner(tmp_path / "ops", sb, use_cgroups=use_cgroups, poll_interval=0.05)
+    runner = make_runner(tmp_path / "ops", sb, use_cgroups=use_cgroups, poll_interval=0.05)
     if use_cgroups:
         needs_cgroups(runner)
     copy = {"op": "copy", "storage": "swift", "key_dir": "key-jid1", "input_dirs": [DATA],
@@ -585,11 +646,12 @@ def lock_held(path: Path) -> bool:
 
 
 async def test_an_unrecorded_worker_is_waited_for_not_doubled(tmp_path: Path, big_sb: Path,
-                                                              pids: Pids) -> None:
+                                                              pids: Pids,
+        make_runner: Callable[..., OpRunner]) -> None:
     # the agent died right after starting the worker, before its pid was persisted
     sb = big_sb
     spec = copy_spec()
-    first = OpRunner(tmp_path / "ops", sb, poll_interval=0.05)
+    first = make_runner(tmp_path / "ops", sb, poll_interval=0.05)
     seen: list[ChildRef] = []
     task = asyncio.create_task(first.run(spec, on_started=seen.append))
     await until(lambda: seen, "the worker to start")
@@ -601,7 +663,7 @@ async def test_an_unrecorded_worker_is_waited_for_not_doubled(tmp_path: Path, bi
     with contextlib.suppress(asyncio.CancelledError):
         await task
 
-    second = OpRunner(tmp_path / "ops", sb, poll_interval=0.05)
+    second = make_runner(tmp_path / "ops", sb, poll_interval=0.05)
     started: list[ChildRef] = []
     resumed = asyncio.create_task(second.run(spec, child=None, on_started=started.append))
     await asyncio.sleep(0.5)

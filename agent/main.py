@@ -118,6 +118,7 @@ class Agent:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             await self.supervisor.close()
+            await asyncio.to_thread(self.outbox.close)
             if self._health_runner is not None:
                 await self._health_runner.cleanup()
             await self.runtime.close()

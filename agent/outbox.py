@@ -2,8 +2,9 @@
 
 Closes one loss path: an agent killed (or a link dropped) between a job's state
 change and the controller hearing of it.  Each event is written to its own file
-(temp file, fsync, ``os.replace``) named by a zero-padded sequence number, sent,
-and deleted only when the controller acks that sequence number.  After a restart
+(temp file, ``os.replace``; fsynced in the background, see ``agent.durable``) named
+by a zero-padded sequence number, sent, and deleted only when the controller acks
+that sequence number.  After a restart
 the files are read back and resent in order.
 
 ``enqueue`` never raises: if the disk refuses the write the event is kept in memory
@@ -18,10 +19,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from agent.durable import DurableWriter
 from agent.protocol import Event
 
 log = logging.getLogger("pfleet.agent.outbox")
@@ -34,6 +35,7 @@ class Outbox:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self._pending: dict[int, Event] = {}
+        self._writer = DurableWriter("outbox")
         for path in sorted(self.directory.glob("*.json")):
             try:
                 data = json.loads(path.read_text())
@@ -62,15 +64,12 @@ class Outbox:
         return event
 
     def _write(self, event: Event) -> None:
-        final = self.directory / f"{event.seq:0{_WIDTH}d}.json"
-        tmp = final.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps(asdict(event)).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
+        self._writer.replace(self.directory / f"{event.seq:0{_WIDTH}d}.json",
+                             json.dumps(asdict(event)).encode())
+
+    def close(self) -> None:
+        """Finish the background fsyncs (blocking)."""
+        self._writer.close()
 
     def ack(self, seq: int) -> None:
         if self._pending.pop(seq, None) is not None:

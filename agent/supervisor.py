@@ -22,13 +22,13 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent import protocol as p
+from agent.durable import DurableWriter
 from agent.op_runner import ChildRef, OpRunner
 from agent.outbox import Outbox
 from agent.runtimes.base import Handle, JobRejected, JobStatus, Runtime, RuntimeUnavailable
@@ -79,6 +79,7 @@ class Supervisor:
         self.poll_interval = poll_interval
         self.remove_jobs = remove_jobs
         self.op_runner = OpRunner(state_dir / "ops", storebase_mount)
+        self._records = DurableWriter("jobs")
         self.active: dict[str, Tracked] = {}
         self.on_event: Callable[[], None] = lambda: None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -140,6 +141,7 @@ class Supervisor:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.op_runner.close()
+        await asyncio.to_thread(self._records.close)
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=f"pfleet-agent-{name}")
@@ -390,12 +392,4 @@ class Supervisor:
         return self.jobs_dir / f"{job}.json"
 
     def _persist(self, tracked: Tracked) -> None:
-        path = self._record_path(tracked.spec.job)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, tracked.to_json().encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        self._records.replace(self._record_path(tracked.spec.job), tracked.to_json().encode())

@@ -18,6 +18,7 @@ still running, or runs the (idempotent) operation again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import json
@@ -37,6 +38,7 @@ log = logging.getLogger("pfleet.agent.supervisor")
 
 START_RETRY_SECONDS = 5.0
 BUILTIN = "builtin"
+FINISHED_KEPT = 4096  # handles of ended attempts remembered for their removal
 
 
 def now_rfc3339() -> str:
@@ -81,6 +83,10 @@ class Supervisor:
         self.op_runner = OpRunner(state_dir / "ops", storebase_mount)
         self._records = DurableWriter("jobs")
         self.active: dict[str, Tracked] = {}
+        # Ended attempts' handles, so removing one needs no listing of the runtime
+        # (after a restart the listing is the fallback).
+        self._finished: collections.OrderedDict[tuple[str, int], Handle] = \
+            collections.OrderedDict()
         self.on_event: Callable[[], None] = lambda: None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._check_lock = asyncio.Lock()
@@ -173,6 +179,16 @@ class Supervisor:
             await self._drop(tracked, remove_workload=True)
             return
         if not self.remove_jobs:
+            return
+        known = self._finished.pop((job, attempt), None)
+        if known is not None:
+            if known.runtime == BUILTIN:
+                return  # an operation leaves no workload behind
+            try:
+                await self.runtime.remove(known, force=True)
+                log.info("removed workload name=%s attempt=%s", known.name, attempt)
+            except RuntimeUnavailable as exc:
+                log.warning("remove failed, runtime unavailable name=%s error=%s", name, exc)
             return
         try:
             for handle in await self.runtime.list_ours():
@@ -354,6 +370,10 @@ class Supervisor:
         self._report(event)
         if self.active.get(tracked.spec.job) is tracked:
             del self.active[tracked.spec.job]
+        if tracked.handle is not None:
+            self._finished[(tracked.spec.job, tracked.spec.attempt)] = tracked.handle
+            while len(self._finished) > FINISHED_KEPT:
+                self._finished.popitem(last=False)
         self._record_path(tracked.spec.job).unlink(missing_ok=True)
         log.info("job ended jid=%s name=%s attempt=%s state=%s exit_code=%s", tracked.spec.jid,
                  tracked.spec.name, tracked.spec.attempt, event.state, event.exit_code)

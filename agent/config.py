@@ -18,9 +18,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from agent.runtimes.slurm_config import LAUNCHERS, parse_rules
+
 DEFAULT_CONFIG_PATH = Path("/etc/pfleet/agent.toml")
-RUNTIMES = ("docker", "podman", "fake")
-VOLUME_TYPES = ("host", "docker_local_volume")
+RUNTIMES = ("docker", "podman", "swarm", "kubernetes", "slurm", "fake")
+VOLUME_TYPES = ("host", "docker_local_volume", "kubernetes_pvc")
+# Volume types each runtime can mount (the first is its default), as pfcon allows.
+RUNTIME_VOLUME_TYPES = {"swarm": ("host",), "kubernetes": ("kubernetes_pvc",),
+                        "slurm": ("host",)}
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
@@ -61,6 +66,22 @@ class AgentConfig:
     client_cert: str | None = None
     client_key: str | None = None
     found_by: str = "configured"
+    job_namespace: str = "default"  # kubernetes: where the Jobs go
+    node_selector: dict[str, str] = field(default_factory=dict)
+    image_pull_secrets: str | None = None  # kubernetes: comma-separated secret names
+    kubeconfig: str | None = None  # kubernetes: unset = in-cluster, else ~/.kube/config
+    kubernetes_context: str | None = None
+    kubernetes_job_ttl: int = 86_400  # seconds a finished Job is kept
+    kubernetes_active_deadline: int = 604_800  # seconds a Job may run (0: no limit)
+    slurm_launcher: str = "docker"  # slurm: docker, podman, charliecloud, apptainer, none
+    slurm_partition: str | None = None
+    slurm_account: str | None = None
+    slurm_qos: str | None = None
+    timelimit_minutes: int | None = None  # slurm --time (pfcon's TIMELIMIT_MINUTES)
+    slurm_rules: tuple[Any, ...] = ()  # slurm: SlurmRule, chosen by image glob
+    slurm_image_dir: str | None = None  # slurm: charliecloud/apptainer images
+    slurm_work_dir: Path | None = None  # slurm: scripts and output (default <state>/slurm)
+    slurm_command_timeout: float = 10.0  # slurm: seconds per sbatch/squeue/... call
 
 
 # (field, environment name, TOML key, kind)
@@ -92,6 +113,24 @@ _SETTINGS: tuple[tuple[str, str, str, str], ...] = (
     ("ca_file", "PFLEET_CA_FILE", "ca_file", "str"),
     ("client_cert", "PFLEET_CLIENT_CERT", "client_cert", "str"),
     ("client_key", "PFLEET_CLIENT_KEY", "client_key", "str"),
+    ("job_namespace", "JOB_NAMESPACE", "job_namespace", "str"),
+    ("node_selector", "NODE_SELECTOR", "node_selector", "labels"),
+    ("image_pull_secrets", "IMAGE_PULL_SECRETS", "image_pull_secrets", "str"),
+    ("kubeconfig", "KUBECONFIG", "kubeconfig", "str"),
+    ("kubernetes_context", "PFLEET_KUBERNETES_CONTEXT", "kubernetes_context", "str"),
+    ("kubernetes_job_ttl", "PFLEET_KUBERNETES_JOB_TTL", "kubernetes_job_ttl", "int"),
+    ("kubernetes_active_deadline", "PFLEET_KUBERNETES_ACTIVE_DEADLINE",
+     "kubernetes_active_deadline", "int"),
+    ("slurm_launcher", "PFLEET_SLURM_LAUNCHER", "slurm_launcher", "str"),
+    ("slurm_partition", "PFLEET_SLURM_PARTITION", "slurm_partition", "str"),
+    ("slurm_account", "PFLEET_SLURM_ACCOUNT", "slurm_account", "str"),
+    ("slurm_qos", "PFLEET_SLURM_QOS", "slurm_qos", "str"),
+    ("timelimit_minutes", "TIMELIMIT_MINUTES", "timelimit_minutes", "int"),
+    ("slurm_rules", "PFLEET_SLURM_RULES", "slurm_rules", "slurm_rules"),
+    ("slurm_image_dir", "PFLEET_SLURM_IMAGE_DIR", "slurm_image_dir", "str"),
+    ("slurm_work_dir", "PFLEET_SLURM_WORK_DIR", "slurm_work_dir", "path"),
+    ("slurm_command_timeout", "PFLEET_SLURM_COMMAND_TIMEOUT", "slurm_command_timeout",
+     "float"),
 )
 
 
@@ -173,12 +212,16 @@ def load_agent_config(path: Path | None = None, env: Mapping[str, str] | None = 
     runtime = raw.get("runtime", "docker")
     if runtime not in RUNTIMES:
         problems.append(f"CONTAINER_ENV: must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    volume_type = raw.get("compute_volume_type", "host")
+    allowed = RUNTIME_VOLUME_TYPES.get(runtime, ("host", "docker_local_volume"))
+    volume_type = raw.setdefault("compute_volume_type", allowed[0])
     if volume_type not in VOLUME_TYPES:
         problems.append(f"COMPUTE_VOLUME_TYPE: must be one of {', '.join(VOLUME_TYPES)}, "
                         f"got {volume_type!r}")
-    if volume_type == "docker_local_volume" and not raw.get("volume_name"):
-        problems.append("VOLUME_NAME: required with COMPUTE_VOLUME_TYPE=docker_local_volume")
+    elif volume_type not in allowed and runtime in RUNTIMES:
+        problems.append(f"COMPUTE_VOLUME_TYPE: CONTAINER_ENV={runtime} supports "
+                        f"{', '.join(allowed)}, got {volume_type!r}")
+    if volume_type in ("docker_local_volume", "kubernetes_pvc") and not raw.get("volume_name"):
+        problems.append(f"VOLUME_NAME: required with COMPUTE_VOLUME_TYPE={volume_type}")
     if "storebase" in raw and "storebase_mount" not in raw:
         raw["storebase_mount"] = Path(raw["storebase"])
     if "storebase_mount" in raw and "storebase" not in raw:
@@ -189,6 +232,8 @@ def load_agent_config(path: Path | None = None, env: Mapping[str, str] | None = 
             problems.append(f"{env_name}: no such file: {raw[attr]}")
     if raw.get("client_key") and not raw.get("client_cert"):
         problems.append("PFLEET_CLIENT_KEY: needs PFLEET_CLIENT_CERT")
+    if runtime == "slurm":
+        problems += _slurm_problems(raw)
     if raw.get("poll_interval", 5.0) <= 0:
         problems.append("PFLEET_AGENT_POLL_INTERVAL: must be positive")
     if problems:
@@ -223,4 +268,19 @@ def _convert(value: Any, kind: str) -> Any:
         if isinstance(value, dict):
             return {str(k): str(v) for k, v in value.items()}
         return parse_labels(str(value))
+    if kind == "slurm_rules":
+        return parse_rules(value)
     raise AssertionError(kind)
+
+
+def _slurm_problems(raw: dict[str, Any]) -> list[str]:
+    launcher = raw.get("slurm_launcher", "docker")
+    if launcher not in LAUNCHERS:
+        return [f"PFLEET_SLURM_LAUNCHER: must be one of {', '.join(LAUNCHERS)}, "
+                f"got {launcher!r}"]
+    if launcher == "charliecloud" and not raw.get("slurm_image_dir"):
+        return ["PFLEET_SLURM_IMAGE_DIR: required with PFLEET_SLURM_LAUNCHER=charliecloud "
+                "(ch-run runs directory images)"]
+    if raw.get("slurm_command_timeout", 10.0) <= 0:
+        return ["PFLEET_SLURM_COMMAND_TIMEOUT: must be positive"]
+    return []

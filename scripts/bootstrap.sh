@@ -2,7 +2,8 @@
 # Prepare this checkout for `make run|test|lint|bench`. Idempotent; a no-op (< 0.1 s) when
 # everything is already there.
 #   1. system packages (root on Debian): docker.io podman busybox-static iproute2 util-linux
-#      memcached (for the test suite's OpenStack Swift)
+#      memcached (for the test suite's OpenStack Swift), slurm-wlm munge charliecloud-runtime
+#      (the SLURM agent's tests)
 #      (+ python3/python3-venv when there is no usable Python 3.11 or no Debian python3.11,
 #      which the test image is made from)
 #   2. .venv with `pip install -e '.[test]'`, redone only when pyproject.toml is newer than
@@ -26,14 +27,15 @@ python_ok() {
 
 # ---- 1. system packages -------------------------------------------------------------
 missing=()
-for cmd in dockerd podman ip nsenter memcached; do
+for cmd in dockerd podman ip nsenter memcached slurmctld munged ch-run; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
 done
 # The test images need a *static* busybox (the plain busybox package is dynamic).
 if [ ! -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then
     missing+=(busybox-static)
 fi
-packages=(docker.io podman busybox-static iproute2 util-linux memcached)
+packages=(docker.io podman busybox-static iproute2 util-linux memcached slurm-wlm munge
+          charliecloud-runtime)
 if [ ! -x /usr/bin/python3.11 ]; then
     missing+=(/usr/bin/python3.11)
     packages+=(python3)

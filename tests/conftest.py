@@ -26,12 +26,15 @@ from controller.config import Config
 from controller.fleet import FLEET
 from controller.store import STORE
 
-pytest_plugins = ["tests.support.engines", "tests.support.swift", "tests.support.topology"]
+pytest_plugins = ["tests.support.engines", "tests.support.swift", "tests.support.topology",
+                  "tests.support.kmock_server", "tests.support.swarm", "tests.support.slurm"]
 
 _ENV_PREFIXES = ("PFLEET_", "PFCON_", "STORAGE_ENV", "STOREBASE", "SECRET_KEY", "JOB_LOGS_TAIL",
                  "CONTAINER_", "COMPUTE_VOLUME_TYPE", "VOLUME_NAME", "JOB_LABELS", "SHM_SIZE",
                  "IGNORE_LIMITS", "REMOVE_JOBS", "ENABLE_HOME_WORKAROUND", "DOCKER_HOST",
-                 "APPLICATION_MODE", "SWIFT_")
+                 "APPLICATION_MODE", "SWIFT_", "KUBECONFIG", "KUBERNETES_SERVICE_",
+                 "JOB_NAMESPACE", "NODE_SELECTOR", "IMAGE_PULL_SECRETS", "TIMELIMIT_MINUTES",
+                 "SLURM_", "SBATCH_", "SQUEUE_")
 
 
 # Every event loop of the suite runs in debug mode, and a callback that holds the loop

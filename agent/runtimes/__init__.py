@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 RUNTIMES: dict[str, str] = {
     "docker": "agent.runtimes.factories:docker_runtime",
     "podman": "agent.runtimes.factories:docker_runtime",
+    "swarm": "agent.runtimes.factories:swarm_runtime",
+    "kubernetes": "agent.runtimes.factories:kubernetes_runtime",
+    "slurm": "agent.runtimes.factories:slurm_runtime",
     "fake": "agent.runtimes.factories:fake_runtime",
 }
 

@@ -85,6 +85,8 @@ class JobStatus:
     exit_code/oom), unknown (the backend reports something we do not map; the
     message says what), missing (the workload no longer exists).
     Times are RFC 3339 strings as the backend reports them ("" when unknown).
+    ``extra["failed"]`` on an exited status: it ended without an exit status (it
+    could not start); the agent reports it as failed with ``message``.
     """
 
     state: WorkloadState

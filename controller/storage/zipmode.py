@@ -48,7 +48,11 @@ def stage_zip_inputs(storebase: Path, jid: str, upload: Path, *, max_files: int,
         if incoming.is_dir() and not incoming.is_symlink():
             shutil.rmtree(incoming)  # a re-run replaces the inputs of the failed attempt
         os.replace(staging, incoming)
-        (key / "outgoing").mkdir(exist_ok=True)
+        outgoing = key / "outgoing"
+        outgoing.mkdir(exist_ok=True)
+        # world-writable as pfcon makes it for swift: a plugin run as another uid
+        # (CONTAINER_USER, a SLURM job's user) must be able to write its outputs
+        outgoing.chmod(0o777)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created_key:

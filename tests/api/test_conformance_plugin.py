@@ -74,6 +74,7 @@ async def test_created_response_shape(harness: Harness) -> None:
     assert (key / "incoming" / "a.txt").read_bytes() == b"hello\n"
     assert (key / "incoming" / "sub" / "b.txt").read_bytes() == b"world\n"
     assert (key / "outgoing").is_dir()
+    assert (key / "outgoing").stat().st_mode & 0o777 == 0o777  # any CONTAINER_USER writes
 
 
 @pytest.mark.parametrize(("ptype", "tail"), [

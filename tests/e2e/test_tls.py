@@ -7,13 +7,6 @@ works over https; the embedded ``--local-agent`` reaches ``healthy`` with TLS on
 
 from __future__ import annotations
 
-import json
-import re
-import ssl
-import subprocess
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,57 +25,12 @@ from tests.support.processes import (
     http_json,
     wait_for,
 )
-
-README = Path(__file__).resolve().parents[2] / "README.md"
-
-
-def readme_openssl_block() -> str:
-    """The first ``sh`` block of the README's TLS section, for a controller reached as
-    localhost / 127.0.0.1 instead of the README's example name and address."""
-    text = README.read_text()
-    section = text[text.index("\n### TLS"):]
-    block = re.search(r"```sh\n(.*?)```", section, re.S)
-    assert block is not None, "no sh block in the README's TLS section"
-    return (block.group(1).replace("pfleet.example.org", "localhost")
-            .replace("198.51.100.10", "127.0.0.1"))
-
-
-@dataclass(frozen=True)
-class Certs:
-    ca: Path
-    cert: Path
-    key: Path
-    agent_cert: Path
-    agent_key: Path
+from tests.support.tls import Certs, make_certs
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    work = tmp_path_factory.mktemp("certs")
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", readme_openssl_block()],
-                          cwd=work, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    made = Certs(work / "ca.pem", work / "controller.pem", work / "controller-key.pem",
-                 work / "h1.pem", work / "h1-key.pem")
-    for path in vars(made).values():
-        assert path.is_file(), path
-    return made
-
-
-def https_json(method: str, url: str, ca: Path, body: object | None = None,
-               token: str | None = None, timeout: float = 10.0) -> tuple[int, object]:
-    context = ssl.create_default_context(cafile=str(ca))
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
-            text = response.read().decode()
-            return response.status, json.loads(text) if text.strip() else None
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+    return make_certs(tmp_path_factory.mktemp("certs"), "localhost", "127.0.0.1")
 
 
 @dataclass
@@ -100,32 +48,33 @@ class TLSController(ControllerProc):
             if not self.alive():
                 raise RuntimeError(f"controller exited:\n{self.log_tail()}")
             try:
-                return https_json("GET", self.base + "health/", self.ca, timeout=1.0)[0] == 200
+                return http_json("GET", self.base + "health/", timeout=1.0, ca=self.ca)[0] == 200
             except OSError:
                 return False
 
         wait_for(ready, timeout, what="controller health over https")
 
     def token(self) -> str:
-        status, body = https_json("POST", self.base + "auth-token/", self.ca,
-                                  {"pfcon_user": "pfcon", "pfcon_password": "pfcon1234"})
+        status, body = http_json("POST", self.base + "auth-token/",
+                                 {"pfcon_user": "pfcon", "pfcon_password": "pfcon1234"},
+                                 ca=self.ca)
         assert status == 200 and isinstance(body, dict), body
         return str(body["token"])
 
     def agent_token(self, name: str) -> str:
-        status, body = https_json("POST", self.base + "agents/tokens/", self.ca,
-                                  {"name": name}, token=self.token())
+        status, body = http_json("POST", self.base + "agents/tokens/", {"name": name},
+                                 token=self.token(), ca=self.ca)
         assert status == 201 and isinstance(body, dict), body
         return str(body["token"])
 
     def agents(self) -> list[dict]:
-        status, body = https_json("GET", self.base + "agents/", self.ca, token=self.token())
+        status, body = http_json("GET", self.base + "agents/", token=self.token(), ca=self.ca)
         assert status == 200 and isinstance(body, dict), body
         return list(body["agents"])
 
     def jobs(self) -> list[dict]:
-        status, body = https_json("GET", self.base + "fleet/jobs/?all=1", self.ca,
-                                  token=self.token())
+        status, body = http_json("GET", self.base + "fleet/jobs/?all=1", token=self.token(),
+                                 ca=self.ca)
         assert status == 200 and isinstance(body, dict), body
         return list(body["jobs"])
 
@@ -268,8 +217,8 @@ def test_client_certificates_for_agents(tmp_path: Path, certs: Certs, stack) -> 
     assert controller.state_of("h2") is None
     # The pfcon API still needs no client certificate (CUBE has none): the calls
     # above and this one went without.
-    status, body = https_json("GET", controller.base + "pluginjobs/", certs.ca,
-                              token=controller.token())
+    status, body = http_json("GET", controller.base + "pluginjobs/", token=controller.token(),
+                             ca=certs.ca)
     assert status == 200, body
 
 

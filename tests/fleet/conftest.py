@@ -16,18 +16,26 @@ from pfconclient import client as pfc
 
 from tests.conftest import free_port
 from tests.support.processes import BIN, Proc, http_json, wait_for
+from tests.support.tls import Certs
 from tests.support.topology import Host, Topology
 
 
 class Fleet:
-    def __init__(self, topo: Topology, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(self, topo: Topology, workdir: Path, env: dict[str, str],
+                 tls: Certs | None = None) -> None:
         self.topo = topo
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.storebase = topo.storebase
-        self.base = f"http://127.0.0.1:{self.port}/api/v1/"  # inside the controller ns
-        self.public_url = f"http://{topo.controller_ip}:{self.port}/"
+        self.tls = tls
+        if tls is None:
+            self.base = f"http://127.0.0.1:{self.port}/api/v1/"  # inside the controller ns
+            self.public_url = f"http://{topo.controller_ip}:{self.port}/"
+        else:  # the certificate names the controller's address, not loopback
+            self.base = f"https://{topo.controller_ip}:{self.port}/api/v1/"
+            self.public_url = f"https://{topo.controller_ip}:{self.port}/"
+            env = {"PFLEET_TLS_CERT": str(tls.cert), "PFLEET_TLS_KEY": str(tls.key), **env}
         self.controller_env = {
             "PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"),
             "PYTHONUNBUFFERED": "1", "PFLEET_LISTEN": f"0.0.0.0:{self.port}",
@@ -47,8 +55,9 @@ class Fleet:
 
     def http(self, method: str, path: str, body: Any = None, token: str | None = None,
              timeout: float = 10.0) -> tuple[int, Any]:
+        ca = self.tls.ca if self.tls is not None else None
         return self.topo.call_in("ctl", http_json, method, self.base + path, body, token,
-                                 timeout, timeout=timeout + 5)
+                                 timeout, ca, timeout=timeout + 5)
 
     def token(self) -> str:
         status, body = self.http("POST", "auth-token/", {"pfcon_user": "pfcon",
@@ -64,7 +73,8 @@ class Fleet:
     def client(self) -> pfc.Client:
         """A python-pfconclient client; call it (and use it) inside ``call``."""
         status, body = http_json("POST", self.base + "auth-token/",
-                                 {"pfcon_user": "pfcon", "pfcon_password": "pfcon1234"})
+                                 {"pfcon_user": "pfcon", "pfcon_password": "pfcon1234"},
+                                 ca=self.tls.ca if self.tls is not None else None)
         assert status == 200, body
         c = pfc.Client(self.base, str(body["token"]))
         c.initial_wait, c.max_wait = 0.5, 4
@@ -91,21 +101,24 @@ class Fleet:
             return False
         wait_for(ready, timeout, what="controller health")
 
-    def start_agent(self, host: Host, **env: str) -> Proc:
-        token = self.admin("POST", "agents/tokens/", {"name": host.name})["token"]
+    def start_agent(self, host: Host, name: str | None = None, **env: str) -> Proc:
+        """An agent process on ``host`` (named after it unless ``name`` is given)."""
+        name = name or host.name
+        token = self.admin("POST", "agents/tokens/", {"name": name})["token"]
         agent_env = {
             "PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"),
-            "PYTHONUNBUFFERED": "1", "PFLEET_AGENT_NAME": host.name,
+            "PYTHONUNBUFFERED": "1", "PFLEET_AGENT_NAME": name,
             "PFLEET_CONTROLLER_URL": self.public_url, "PFLEET_AGENT_TOKEN": token,
-            "PFLEET_AGENT_STATE_DIR": str(self.workdir / f"agent-{host.name}"),
+            "PFLEET_AGENT_STATE_DIR": str(self.workdir / f"agent-{name}"),
             "PFLEET_AGENT_CONFIG": str(self.workdir / "absent.toml"),
             "PFLEET_HEALTH_LISTEN": "", "CONTAINER_ENV": host.engine_kind or "fake",
             "DOCKER_HOST": host.engine_url or "", "STOREBASE": str(self.storebase),
             "PFLEET_AGENT_POLL_INTERVAL": "1", "PFLEET_AGENT_CPU_MILLICORES": "4000", **env}
-        proc = Proc(f"agent-{host.name}", [*self.topo.nsenter(host),
-                                           str(BIN / "pfleet-agent")],
-                    agent_env, self.workdir / f"agent-{host.name}.log")
-        self.agents[host.name] = proc
+        if self.tls is not None:
+            agent_env.setdefault("PFLEET_CA_FILE", str(self.tls.ca))
+        proc = Proc(f"agent-{name}", [*self.topo.nsenter(host), str(BIN / "pfleet-agent")],
+                    agent_env, self.workdir / f"agent-{name}.log")
+        self.agents[name] = proc
         proc.start()
         return proc
 
@@ -127,8 +140,8 @@ def fleet_factory(fleet_topology: Topology, tmp_path: Path) -> Iterator:
     made: list[Fleet] = []
 
     def make(*, agents: bool = True, agent_env: dict[str, str] | None = None,
-             **env: str) -> Fleet:
-        fleet = Fleet(fleet_topology, tmp_path / f"f{len(made)}", env)
+             tls: Certs | None = None, **env: str) -> Fleet:
+        fleet = Fleet(fleet_topology, tmp_path / f"f{len(made)}", env, tls)
         made.append(fleet)
         if agents:
             for host in fleet_topology.hosts:

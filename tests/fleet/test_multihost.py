@@ -16,6 +16,8 @@ from pfconclient.exceptions import PfconRequestException
 
 from tests.e2e.conftest import make_zip
 from tests.support.engines import BUSYBOX_IMAGE
+from tests.support.processes import wait_for
+from tests.support.tls import make_certs
 
 pytestmark = [pytest.mark.docker, pytest.mark.podman]
 
@@ -72,6 +74,30 @@ def test_jobs_land_on_every_host_and_outputs_come_back(fleet_factory) -> None:
         data = fleet.call(lambda j=jid: fleet.client().get_plugin_job_zip_data(j))
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             assert zf.read("seen.txt") == b"/share/incoming\n"
+
+
+def test_the_fleet_over_tls(fleet_factory, tmp_path, monkeypatch) -> None:
+    """The README's certificates (for 198.51.100.10, the controller's address here):
+    agents on every host dial wss:// with the CA file, CUBE's client uses https."""
+    certs = make_certs(tmp_path)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certs.ca))  # as python-pfconclient reads it
+    fleet = fleet_factory(tls=certs)
+    assert fleet.base.startswith("https://198.51.100.10:")
+    agents = fleet.agents_by_name()
+    assert {n: a["state"] for n, a in agents.items()} == {
+        "h1": "healthy", "h2": "healthy", "h3": "healthy"}
+    jids = [f"tls-{i}" for i in range(3)]
+    for jid in jids:
+        assert submit(fleet, jid, secs=1)["compute"]["status"] == "notStarted"
+    results = wait_all(fleet, jids)
+    assert {c["status"] for c in results.values()} == {"finishedSuccessfully"}
+    assert {fleet.jobs()[j]["agent"] for j in jids} == {"h1", "h2", "h3"}
+    # an agent without the CA file never gets in
+    untrusting = fleet.start_agent(fleet.topo.hosts[0], "untrusting", PFLEET_CA_FILE="")
+    wait_for(lambda: "certificate verify failed" in untrusting.log_tail(), 20,
+             what="the agent without the CA to say why it stays away")
+    assert untrusting.alive()  # it keeps trying: the operator may fix the file
+    assert "untrusting" not in fleet.agents_by_name()
 
 
 def test_impossible_jobs_are_refused_at_submit(fleet_factory) -> None:

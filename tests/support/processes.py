@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -29,14 +30,17 @@ def http_json(
     body: object | None = None,
     token: str | None = None,
     timeout: float = 10.0,
+    ca: Path | None = None,
 ) -> tuple[int, object]:
+    """One JSON request; ``ca``: the CA file an https server's certificate must chain to."""
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method)
     request.add_header("Content-Type", "application/json")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
+    context = ssl.create_default_context(cafile=str(ca)) if ca is not None else None
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             text = response.read().decode()
             return response.status, json.loads(text) if text.strip() else None
     except urllib.error.HTTPError as exc:

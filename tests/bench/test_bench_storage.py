@@ -92,6 +92,7 @@ TARGET_FSLINK = 1.3
 TARGET_SWIFT = 1.2
 TARGET_GROWTH_MIB = 64.0
 WORKER_MODULE = b"agent.op_worker"
+FORK_SERVER_MODULE = b"agent.op_forkserver"
 
 
 # ------------------------------------------------------------------ scratch space
@@ -266,7 +267,7 @@ class WorkerSeen:
 
 
 class WorkerWatch(threading.Thread):
-    """Every 20 ms: the ``python -m agent.op_worker`` children of ``parent``: when they
+    """Every 20 ms: the operation workers of ``parent`` (see ``candidates``): when they
     were first seen, last seen running, last seen at all (an exited worker stays a
     zombie until its parent reaps it), their peak VmHWM and their cgroup's peak usage."""
 
@@ -290,17 +291,26 @@ class WorkerWatch(threading.Thread):
             if self.halt.wait(self.interval):
                 return
 
+    def candidates(self) -> set[int]:
+        """Workers the parent started (``python -m agent.op_worker``) and the children
+        of its fork server (each one a worker)."""
+        found: set[int] = set()
+        for pid in children(self.parent):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if FORK_SERVER_MODULE in cmdline:
+                found.update(children(pid))
+            elif WORKER_MODULE in cmdline:
+                found.add(pid)  # (a worker between fork and exec is not one yet)
+        return found
+
     def tick(self) -> None:
         now = time.monotonic()
-        for pid in children(self.parent):
+        for pid in self.candidates():
             seen = self.workers.get(pid)
             if seen is None:
-                try:
-                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                except OSError:
-                    continue
-                if WORKER_MODULE not in cmdline:
-                    continue  # another child, or a worker between fork and exec
                 seen = self.workers[pid] = WorkerSeen(pid, now, now, now)
             seen.listed = now
             if process_state(pid) in ("Z", "X", None):

@@ -104,7 +104,7 @@ _SETTINGS: tuple[tuple[str, str, str, str], ...] = (
     ("enable_home_workaround", "ENABLE_HOME_WORKAROUND", "enable_home_workaround", "bool"),
     ("remove_jobs", "REMOVE_JOBS", "remove_jobs", "bool"),
     ("labels", "PFLEET_AGENT_LABELS", "labels", "labels"),
-    ("health_listen", "PFLEET_HEALTH_LISTEN", "health_listen", "str"),
+    ("health_listen", "PFLEET_HEALTH_LISTEN", "health_listen", "str_or_empty"),
     ("cpu_millicores", "PFLEET_AGENT_CPU_MILLICORES", "cpu_millicores", "int"),
     ("memory_mib", "PFLEET_AGENT_MEMORY_MIB", "memory_mib", "int"),
     ("gpus", "PFLEET_AGENT_GPUS", "gpus", "int"),
@@ -177,10 +177,11 @@ def load_agent_config(path: Path | None = None, env: Mapping[str, str] | None = 
     for attr, env_name, toml_key, kind in _SETTINGS:
         value: Any = env.get(env_name)
         where = env_name
-        if value in (None, ""):
+        unset = (None,) if kind == "str_or_empty" else (None, "")  # "" may mean "off"
+        if value in unset:
             value = file_values.get(toml_key)
             where = f"{config_path.name}:{toml_key}"
-        if value in (None, ""):
+        if value in unset:
             continue
         try:
             raw[attr] = _convert(value, kind)
@@ -242,7 +243,7 @@ def load_agent_config(path: Path | None = None, env: Mapping[str, str] | None = 
 
 
 def _convert(value: Any, kind: str) -> Any:
-    if kind == "str":
+    if kind in ("str", "str_or_empty"):
         return str(value)
     if kind == "path":
         return Path(str(value))

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
 from controller.api import admin, legacy, pfcon
 from controller.api.middleware import (
@@ -50,6 +50,7 @@ def create_app(config: Config) -> web.Application:
     app[LOCAL_AGENT_JTIS] = set()
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_fleet_ctx)
+    app.on_shutdown.append(_close_agent_links)
     if config.dev and config.innetwork and config.storage_env == "swift":
         app.cleanup_ctx.append(_swift_container_ctx)
     app.add_routes(pfcon.routes)
@@ -57,6 +58,13 @@ def create_app(config: Config) -> web.Application:
     app.add_routes(admin.routes)
     app.router.add_get("/api/v1/fleet/connect", _fleet_connect)
     return app
+
+
+async def _close_agent_links(app: web.Application) -> None:
+    """Close the agents' WebSockets when shutdown starts (they reconnect): aiohttp would
+    otherwise wait its whole shutdown timeout for these long-lived handlers."""
+    for ws in list(app[FLEET].sockets):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"controller shutting down")
 
 
 @public

@@ -76,6 +76,7 @@ from agent.runtimes.docker_config import (
     short_error,
     status_from_inspect,
 )
+from agent.runtimes.keyed_locks import KeyedLocks
 
 __all__ = ["DockerRuntime", "DockerSettings"]
 
@@ -135,7 +136,7 @@ class DockerRuntime(Runtime):
         self._info: dict[str, Any] | None = None
         self._info_at = 0.0
         self._storebase = settings.storebase if settings.volume_type == "host" else None
-        self._locks: dict[str, list[Any]] = {}  # key -> [asyncio.Lock, users]
+        self._locks = KeyedLocks()
         self._status_cache: dict[str, tuple[str, JobStatus]] = {}  # id -> (summary, status)
         self._stopped: set[str] = set()  # container ids pfleet stopped (not OOM on podman)
         self._streams: set[Any] = set()
@@ -191,7 +192,7 @@ class DockerRuntime(Runtime):
             )
         except ValueError as exc:
             raise JobRejected(str(exc)) from exc
-        async with self._exclusive(f"name:{spec.name}"):
+        async with self._locks.hold(f"name:{spec.name}"):
             return await self._create_and_start(client, spec, kwargs)
 
     async def status(self, handles: list[Handle]) -> dict[str, JobStatus]:
@@ -545,7 +546,7 @@ class DockerRuntime(Runtime):
         """Return when ``spec.image`` is present, after one pull if it was not."""
         if await self._image_present(client, spec.image):
             return
-        async with self._exclusive(f"image:{spec.image}"):
+        async with self._locks.hold(f"image:{spec.image}"):
             if await self._image_present(client, spec.image):
                 return
             log.info("image.pull jid=%s image=%s", spec.jid, spec.image)
@@ -654,18 +655,6 @@ class DockerRuntime(Runtime):
         except ENGINE_ERRORS as exc:
             raise self._failure(exc) from exc
 
-    @contextlib.asynccontextmanager
-    async def _exclusive(self, key: str) -> AsyncIterator[None]:
-        """Serialise work on one key (a container name, an image) inside this process."""
-        entry = self._locks.setdefault(key, [asyncio.Lock(), 0])
-        entry[1] += 1
-        try:
-            async with entry[0]:
-                yield
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._locks[key]
 
     def _pump_events(
         self, stream: Any, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[object]

@@ -47,6 +47,7 @@ from agent.runtimes.base import (
     RuntimeUnavailable,
 )
 from agent.runtimes.docker_config import parse_container_user
+from agent.runtimes.keyed_locks import KeyedLocks
 from agent.runtimes.kubernetes_client import (
     THREAD_JOIN_TIMEOUT,
     WATCH_SECONDS,
@@ -98,7 +99,7 @@ class KubernetesRuntime(Runtime):
         self._selector = selector({LABEL_AGENT: self._agent_label})
         self._api = KubernetesApi(settings)
         self._nodes: tuple[float, Probe] | None = None
-        self._locks: dict[str, list[Any]] = {}
+        self._locks = KeyedLocks()
         self._watches: set[Any] = set()
         self._threads: set[threading.Thread] = set()
         self._closed = False
@@ -154,7 +155,7 @@ class KubernetesRuntime(Runtime):
         except ValueError as exc:
             raise JobRejected(str(exc)) from exc
         name = manifest["metadata"]["name"]
-        async with self._exclusive(name):
+        async with self._locks.hold(name):
             for _ in range(4):
                 try:
                     await self._api.json("batch", "create_namespaced_job",
@@ -402,18 +403,6 @@ class KubernetesRuntime(Runtime):
         return selector({LABEL_AGENT: self._agent_label, LABEL_JOB: label_value(handle.job),
                          LABEL_ATTEMPT: str(handle.attempt)})
 
-    @contextlib.asynccontextmanager
-    async def _exclusive(self, key: str) -> AsyncIterator[None]:
-        """Serialise work on one Job name inside this process."""
-        entry = self._locks.setdefault(key, [asyncio.Lock(), 0])
-        entry[1] += 1
-        try:
-            async with entry[0]:
-                yield
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._locks[key]
 
     def _handle(self, spec: JobSpec, name: str) -> Handle:
         return Handle(self.name, name, spec.job, spec.attempt, spec.name, spec.kind)

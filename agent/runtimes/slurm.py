@@ -30,7 +30,6 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 from agent.protocol import JobSpec
 from agent.runtimes.base import (
@@ -42,6 +41,7 @@ from agent.runtimes.base import (
     Runtime,
     RuntimeUnavailable,
 )
+from agent.runtimes.keyed_locks import KeyedLocks
 from agent.runtimes.slurm_cli import CommandResult, SlurmCli, SlurmCommandError
 from agent.runtimes.slurm_config import SlurmSettings
 from agent.runtimes.slurm_files import (
@@ -129,7 +129,7 @@ class SlurmRuntime(Runtime):
         self._snapshot: tuple[float, frozenset[str], dict[str, SlurmJob]] | None = None
         self._accounting = True  # False once sacct said accounting storage is disabled
         self._capacity = (0, 0, 0)  # the last healthy probe's (CPU, memory, GPUs)
-        self._start_locks: dict[str, list[Any]] = {}  # name -> [asyncio.Lock, users]
+        self._start_locks = KeyedLocks()
         self._closed = False
 
     # ------------------------------------------------------------------ interface
@@ -186,16 +186,8 @@ class SlurmRuntime(Runtime):
             raise JobRejected(f"number_of_workers must be at least 1, "
                               f"not {spec.number_of_workers}")
         files = job_files(self.settings.work_dir, spec.name, spec.attempt)
-        # One start per name at a time; the entry lives while somebody uses it.
-        entry = self._start_locks.setdefault(spec.name, [asyncio.Lock(), 0])
-        entry[1] += 1
-        try:
-            async with entry[0]:
-                return await self._start_locked(spec, files)
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                self._start_locks.pop(spec.name, None)
+        async with self._start_locks.hold(spec.name):  # one start per name at a time
+            return await self._start_locked(spec, files)
 
     async def status(self, handles: list[Handle]) -> dict[str, JobStatus]:
         if not handles:

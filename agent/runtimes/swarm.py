@@ -203,7 +203,7 @@ class SwarmRuntime(DockerRuntime):
                                    user=self._user, rng=self._rng)
         except ValueError as exc:
             raise JobRejected(str(exc)) from exc
-        async with self._exclusive(f"name:{kwargs['name']}"):
+        async with self._locks.hold(f"name:{kwargs['name']}"):
             for _ in range(4):
                 try:
                     created = await self._run(client.api.create_service, **kwargs)

@@ -26,7 +26,7 @@ from controller.errors import ApiError, Unauthorized
 from controller.fleet import FLEET, Fleet
 from controller.jobs import JOBS, JobService
 from controller.storage import modes
-from controller.storage.zipmode import remove_stale_staging
+from controller.storage.zipmode import prepare_upload_dirs
 from controller.store import STORE, Store
 
 log = logging.getLogger("pfleet.controller")
@@ -113,8 +113,9 @@ def _is_local_agent(request: web.Request) -> bool:
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     config.storebase_mount.mkdir(parents=True, exist_ok=True)
-    await asyncio.get_running_loop().run_in_executor(
-        None, remove_stale_staging, config.storebase_mount)
+    if not config.innetwork:  # in-network storeBases belong to CUBE: nothing of ours there
+        await asyncio.get_running_loop().run_in_executor(
+            None, prepare_upload_dirs, config.storebase_mount, config.state_dir / "uploads")
     store = Store(config.state_dir / "pfleet.sqlite3")
     await store.open()
     app[STORE] = store

@@ -14,7 +14,6 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -74,8 +73,13 @@ class JobService:
         except StorageError as exc:
             raise ApiError(str(exc), exc.status) from None
 
-    def spool_dir(self) -> Path:
-        return self.config.state_dir / "uploads"
+    def new_upload(self) -> zipmode.ZipUpload:
+        """A ``data_file`` receiver for this controller's limits (blocking: it makes
+        its staging dir)."""
+        config = self.config
+        return zipmode.ZipUpload(config.storebase_mount, config.state_dir / "uploads",
+                                 max_files=config.max_files,
+                                 max_bytes=config.max_upload_mb << 20)
 
     # ------------------------------------------------------------------ views
 
@@ -109,7 +113,7 @@ class JobService:
 
     # ---------------------------------------------------------------- submits
 
-    async def submit_plugin(self, fields: dict[str, Any], upload: Path | None, *,
+    async def submit_plugin(self, fields: dict[str, Any], upload: zipmode.ZipUpload | None, *,
                             legacy: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
         """pfcon-api.md §1.5; returns (data, compute) for the 201 answer."""
         config = self.config
@@ -159,16 +163,13 @@ class JobService:
                                     cmd=compute.command_string(command), rerun=existing)
             return data, compute.compute_object(job, "")
 
-    async def _plugin_data(self, jid: str, upload: Path | None,
+    async def _plugin_data(self, jid: str, upload: zipmode.ZipUpload | None,
                            input_dir: str | None) -> dict[str, Any]:
         config = self.config
         storebase = config.storebase_mount
         if not config.innetwork:
             assert upload is not None
-            return await self.run_blocking(
-                lambda: zipmode.stage_zip_inputs(storebase, jid, upload,
-                                                 max_files=config.max_files,
-                                                 max_bytes=config.max_upload_mb << 20))
+            return await self.run_blocking(zipmode.stage_zip_inputs, storebase, jid, upload)
         if config.storage_env == "filesystem":
             rel = input_dir or ""
             nfiles = await self.run_blocking(modes.count_input_files, storebase, rel)

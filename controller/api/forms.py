@@ -6,23 +6,22 @@ with Flask-RESTful's reason strings.  This module reproduces those shapes and ad
 the checks pfcon leaves to its backends (job ids, negative limits).
 
 Multipart bodies are read part by part: text parts are size-capped, and the
-``data_file`` part is streamed to a spool file, never held in memory.
+``data_file`` part is unpacked as it arrives (:class:`ZipUpload`), never held in
+memory.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from aiohttp import BodyPartReader, web
 
 from controller.errors import BadRequest, PayloadTooLarge
+from controller.storage.zipmode import ZipUpload
 
 MISSING_FORM = "Missing required parameter in the post body"
 JID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -30,7 +29,7 @@ JID_RULE = ("must start with a letter or digit and contain only letters, digits,
             "and '-' (at most 128 characters)")
 
 MAX_TEXT_FIELDS_BYTES = 4 << 20  # all text parts of one request together
-SPOOL_CHUNK = 1 << 20
+FEED_BYTES = 1 << 20  # hand the unpacker about this much at a time
 
 
 @dataclass(frozen=True)
@@ -133,34 +132,38 @@ def parse_fields(form: Mapping[str, list[str]], fields: tuple[Field, ...]) -> di
 
 @dataclass
 class FormBody:
-    """The fields of one request and, when sent, where its ``data_file`` was spooled."""
+    """The fields of one request and, when sent, its ``data_file`` being unpacked."""
 
     fields: dict[str, list[str]] = field(default_factory=dict)
-    upload: Path | None = None
-    upload_bytes: int = 0
+    upload: ZipUpload | None = None
 
-    def discard(self) -> None:
+    async def discard(self) -> None:
+        """Remove what is left of the upload (blocking work off the loop)."""
         if self.upload is not None:
-            self.upload.unlink(missing_ok=True)
-            self.upload = None
+            upload, self.upload = self.upload, None
+            await asyncio.get_running_loop().run_in_executor(None, upload.discard)
 
 
-async def read_form(request: web.Request, spool_dir: Path | None,
+UploadFactory = Callable[[], ZipUpload]
+
+
+async def read_form(request: web.Request, new_upload: UploadFactory | None,
                     max_upload_bytes: int) -> FormBody:
     """Read a url-encoded or multipart body.
 
-    With ``spool_dir`` set, a ``data_file`` part is streamed into a file there
-    (refused with 413 past ``max_upload_bytes``); without it the part is drained and
-    ignored (in-network modes ignore the part python-pfconclient's CLI always sends).
-    The caller owns the spool file: call ``FormBody.discard()`` when done.
+    With ``new_upload`` set, a ``data_file`` part is unpacked as it arrives into the
+    upload it makes (refused with 413 past ``max_upload_bytes``); without it the
+    part is drained and ignored (in-network modes ignore the part
+    python-pfconclient's CLI always sends).  The caller owns the upload: await
+    ``FormBody.discard()`` when done.
     """
     body = FormBody()
     ctype = request.content_type
     if ctype == "multipart/form-data":
         try:
-            await _read_multipart(request, body, spool_dir, max_upload_bytes)
+            await _read_multipart(request, body, new_upload, max_upload_bytes)
         except BaseException:
-            body.discard()
+            await body.discard()
             raise
         return body
     if ctype == "application/x-www-form-urlencoded":
@@ -175,8 +178,8 @@ async def read_form(request: web.Request, spool_dir: Path | None,
     return body
 
 
-async def _read_multipart(request: web.Request, body: FormBody, spool_dir: Path | None,
-                          max_upload_bytes: int) -> None:
+async def _read_multipart(request: web.Request, body: FormBody,
+                          new_upload: UploadFactory | None, max_upload_bytes: int) -> None:
     try:
         reader = await request.multipart()
     except (ValueError, AssertionError) as exc:
@@ -192,8 +195,8 @@ async def _read_multipart(request: web.Request, body: FormBody, spool_dir: Path 
         # Only parts with a filename are files (Werkzeug's rule): a plain text part
         # named data_file is a form field, so pfcon answers "no data_file".
         if filename is not None:
-            if name == "data_file" and spool_dir is not None and body.upload is None:
-                await _spool(part, body, spool_dir, max_upload_bytes)
+            if name == "data_file" and new_upload is not None and body.upload is None:
+                await _receive_zip(part, body, new_upload, max_upload_bytes)
             else:
                 await _drain(part)
             continue
@@ -228,43 +231,40 @@ def part_names(part: BodyPartReader) -> tuple[str, str | None]:
 
 
 async def _drain(part: BodyPartReader) -> None:
-    while await part.read_chunk(SPOOL_CHUNK):
+    while await part.read_chunk(FEED_BYTES):
         pass
 
 
-async def _spool(part: BodyPartReader, body: FormBody, spool_dir: Path,
-                 max_upload_bytes: int) -> None:
+async def _receive_zip(part: BodyPartReader, body: FormBody, new_upload: UploadFactory,
+                       max_upload_bytes: int) -> None:
+    """Feed the part to a new upload, reading the next megabyte from the network
+    while a worker thread writes the previous one."""
     loop = asyncio.get_running_loop()
-    path = spool_dir / f"upload-{uuid.uuid4().hex}.zip"
-    body.upload = path
-    fd = await loop.run_in_executor(None, _create_spool_file, path)
+    upload = body.upload = await loop.run_in_executor(None, new_upload)
+    received = 0
+    writing: asyncio.Future[None] | None = None
+    batch: list[bytes] = []
+    batch_bytes = 0
     try:
-        pending = bytearray()
         while True:
-            chunk = await part.read_chunk(SPOOL_CHUNK)
+            chunk = await part.read_chunk(FEED_BYTES)
+            if chunk:
+                received += len(chunk)
+                if received > max_upload_bytes:
+                    raise PayloadTooLarge(
+                        f"data_file: upload larger than {max_upload_bytes >> 20} MiB")
+                batch.append(chunk)
+                batch_bytes += len(chunk)
+                if batch_bytes < FEED_BYTES:
+                    continue
+            if writing is not None:
+                await writing
+                writing = None
+            if batch:
+                writing = loop.run_in_executor(None, upload.feed, batch)
+                batch, batch_bytes = [], 0
             if not chunk:
                 break
-            body.upload_bytes += len(chunk)
-            if body.upload_bytes > max_upload_bytes:
-                raise PayloadTooLarge(
-                    f"data_file: upload larger than {max_upload_bytes >> 20} MiB")
-            pending += chunk
-            if len(pending) >= SPOOL_CHUNK:
-                data, pending = bytes(pending), bytearray()
-                await loop.run_in_executor(None, _write_all, fd, data)
-        if pending:
-            await loop.run_in_executor(None, _write_all, fd, bytes(pending))
     finally:
-        await loop.run_in_executor(None, os.close, fd)
-
-
-def _create_spool_file(path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+        if writing is not None:
+            await asyncio.shield(writing)  # never discard under a running writer

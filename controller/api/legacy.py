@@ -55,7 +55,7 @@ async def legacy_server_info(request: web.Request) -> web.Response:
 async def legacy_submit(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     jobs = request.app[JOBS]
-    body = await read_form(request, None if config.innetwork else jobs.spool_dir(),
+    body = await read_form(request, None if config.innetwork else jobs.new_upload,
                            config.max_upload_mb << 20)
     try:
         fields = parse_fields(body.fields, LEGACY_PLUGIN_FIELDS)
@@ -71,7 +71,7 @@ async def legacy_submit(request: web.Request) -> web.Response:
             await _fetch_inputs(jobs, fields)
         data, compute_obj = await jobs.submit_plugin(fields, body.upload, legacy=True)
     finally:
-        body.discard()
+        await body.discard()
     if config.innetwork and config.storage_env in FETCH_ERRORS and compute_obj:
         key = key_dir(config.storebase_mount, jid)
         nfiles = await jobs.run_blocking(_count_files, key / "incoming")

@@ -112,13 +112,13 @@ async def submit_plugin(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     jobs = request.app[JOBS]
     # In-network modes ignore a data_file part (python-pfconclient's CLI always sends one).
-    body = await read_form(request, None if config.innetwork else jobs.spool_dir(),
+    body = await read_form(request, None if config.innetwork else jobs.new_upload,
                            config.max_upload_mb << 20)
     try:
         fields = parse_fields(body.fields, PLUGIN_FIELDS)
         data, compute_obj = await jobs.submit_plugin(fields, body.upload)
     finally:
-        body.discard()
+        await body.discard()
     return json_response(request, {"data": data, "compute": compute_obj}, 201)
 
 

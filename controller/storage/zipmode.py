@@ -1,8 +1,10 @@
 """Out-of-network (zipfile) storage: inputs arrive as a zip, outputs leave as one.
 
-Staging is all-or-nothing: the upload is unpacked into a hidden directory inside
-``key-<jid>`` and renamed to ``incoming`` only when every check passed, so a
-refused request leaves nothing behind (and removes ``key-<jid>`` if it made it).
+Staging is all-or-nothing: the upload is unpacked while it arrives into a private
+directory under ``<storeBase>/.pfleet-staging`` (the form may name the jid only
+after the file, so it cannot go inside ``key-<jid>`` yet) and renamed to
+``key-<jid>/incoming`` only when every check passed; a refused request leaves
+nothing behind.
 """
 
 from __future__ import annotations
@@ -12,38 +14,82 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from agent.chrislinks import LinkError, count_files, expand_links
 from agent.protocol import Mount
 from controller.storage.paths import StorageError, key_dir
-from controller.storage.unzip import unpack_zip
+from controller.storage.zipstream import ZipStreamUnpacker
 
 log = logging.getLogger("pfleet.controller.storage")
 
-STAGING_PREFIX = ".incoming-staging-"
+STAGING_DIR = ".pfleet-staging"
+SPOOL_PREFIX = "upload-"
 
 
-def stage_zip_inputs(storebase: Path, jid: str, upload: Path, *, max_files: int,
-                     max_bytes: int) -> dict[str, Any]:
-    """Unpack ``upload`` into ``key-<jid>/incoming`` (blocking; run in an executor).
+class ZipUpload:
+    """One ``data_file`` being unpacked as it arrives (blocking methods: call them
+    off the event loop).
 
-    Returns pfcon's ``data`` object.  Raises ``StorageError`` (nothing left behind)
-    for a bad or oversized zip.
+    A refusal found mid-stream stops the writing but is raised only by
+    :meth:`finish`, once the whole body was read: the client gets its answer
+    instead of a reset connection, and errors in other fields keep precedence.
     """
+
+    def __init__(self, storebase: Path, spool_dir: Path, *, max_files: int,
+                 max_bytes: int) -> None:
+        name = uuid.uuid4().hex
+        self.staging = storebase / STAGING_DIR / name
+        self.spool = spool_dir / f"{SPOOL_PREFIX}{name}"
+        self.max_files = max_files
+        self.error: StorageError | None = None
+        self._unpacker = ZipStreamUnpacker(self.staging, self.spool, max_files=max_files,
+                                           max_bytes=max_bytes)
+        self.staging.mkdir(parents=True)
+        self.staging.chmod(0o755)  # becomes incoming/: the plugin user must read it
+        spool_dir.mkdir(parents=True, exist_ok=True)
+
+    def feed(self, chunks: Iterable[bytes]) -> None:
+        if self.error is not None:
+            return
+        try:
+            self._unpacker.feed(chunks)
+        except StorageError as exc:
+            self.error = exc
+            self._unpacker.close()
+
+    def finish(self) -> None:
+        """Raise the refusal met while streaming, or check and complete the unpack."""
+        if self.error is not None:
+            raise self.error
+        self._unpacker.finish()
+
+    def discard(self) -> None:
+        """Remove what is left of the upload (nothing after a successful stage)."""
+        self._unpacker.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.spool.unlink(missing_ok=True)
+
+
+def stage_zip_inputs(storebase: Path, jid: str, upload: ZipUpload) -> dict[str, Any]:
+    """Complete ``upload`` and move it to ``key-<jid>/incoming`` (blocking).
+
+    Returns pfcon's ``data`` object.  Raises ``StorageError`` for a bad or
+    oversized zip; the caller then discards the upload, and nothing is left.
+    """
+    upload.finish()
+    staging = upload.staging
+    try:
+        expand_links(staging, max_entries=upload.max_files)
+    except LinkError as exc:
+        raise StorageError(str(exc), field="data_file", status=exc.status) from None
+    nfiles = count_files(staging)
     key = key_dir(storebase, jid)
     created_key = not key.exists()
-    key.mkdir(parents=True, exist_ok=True)
-    staging = key / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
-    staging.mkdir()
     try:
-        unpack_zip(upload, staging, max_files=max_files, max_bytes=max_bytes)
-        try:
-            expand_links(staging, max_entries=max_files)
-        except LinkError as exc:
-            raise StorageError(str(exc), field="data_file", status=exc.status) from None
-        nfiles = count_files(staging)
+        key.mkdir(parents=True, exist_ok=True)
         incoming = key / "incoming"
         if incoming.is_dir() and not incoming.is_symlink():
             shutil.rmtree(incoming)  # a re-run replaces the inputs of the failed attempt
@@ -54,7 +100,6 @@ def stage_zip_inputs(storebase: Path, jid: str, upload: Path, *, max_files: int,
         # (CONTAINER_USER, a SLURM job's user) must be able to write its outputs
         outgoing.chmod(0o777)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
         if created_key:
             shutil.rmtree(key, ignore_errors=True)
         raise
@@ -67,20 +112,23 @@ def plugin_mounts(jid: str) -> list[Mount]:
             Mount(f"key-{jid}/outgoing", "/share/outgoing", False)]
 
 
-def remove_stale_staging(storebase: Path) -> int:
-    """Remove staging directories a killed controller left behind; returns how many."""
-    removed = 0
-    try:
-        keys = [p for p in storebase.iterdir() if p.name.startswith("key-")]
-    except FileNotFoundError:
-        return 0
-    for key in keys:
-        try:
-            stale = [p for p in key.iterdir() if p.name.startswith(STAGING_PREFIX)]
-        except (NotADirectoryError, FileNotFoundError, PermissionError):
-            continue
-        for path in stale:
+def prepare_upload_dirs(storebase: Path, spool_dir: Path) -> int:
+    """Make the staging and spool dirs, removing what a killed controller left
+    in them; returns how many stale uploads were removed."""
+    stale = [*_children(storebase / STAGING_DIR), *_children(spool_dir, SPOOL_PREFIX)]
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
-            removed += 1
-            log.warning("removed stale staging dir path=%s", path)
-    return removed
+        else:
+            path.unlink(missing_ok=True)
+        log.warning("removed stale upload path=%s", path)
+    (storebase / STAGING_DIR).mkdir(parents=True, exist_ok=True)
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    return len(stale)
+
+
+def _children(parent: Path, prefix: str = "") -> list[Path]:
+    try:
+        return [p for p in parent.iterdir() if p.name.startswith(prefix)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []

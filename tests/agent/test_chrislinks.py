@@ -15,7 +15,7 @@ import pytest
 
 from agent import chrislinks
 from agent.chrislinks import LinkError, count_files, expand_links
-from controller.storage.unzip import unpack_zip
+from controller.storage.zipstream import unpack_zip
 
 
 def stage(tmp_path: Path, files: dict[str, str]) -> Path:

@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 
 from controller.app import create_app
+from controller.storage.zipmode import STAGING_DIR
 from tests.conftest import Harness, make_config, start_fake_agent, stop_task
 
 MISSING_FORM = "Missing required parameter in the post body"
@@ -152,9 +153,20 @@ async def fleet_job(s: aiohttp.ClientSession, h: Harness, name: str) -> dict[str
     return jobs[0]
 
 
+def storebase_contents(h: Harness) -> list[str]:
+    """The storeBase's entries, with the controller's upload staging dir looked
+    into (it exists from the start in zipfile mode; only what is in it counts)."""
+    root = h.config.storebase_mount
+    found = sorted(p.name for p in root.iterdir() if p.name != STAGING_DIR)
+    staging = root / STAGING_DIR
+    if staging.is_dir():
+        found += sorted(f"{STAGING_DIR}/{p.name}" for p in staging.iterdir())
+    return found
+
+
 def leftovers(h: Harness, jid: str) -> list[str]:
-    """What a refused POST left behind: key dirs of ``jid`` and spooled uploads."""
-    found = [p.name for p in h.config.storebase_mount.iterdir() if p.name == f"key-{jid}"]
+    """What a refused POST left behind: key dirs of ``jid``, staged and spooled uploads."""
+    found = [n for n in storebase_contents(h) if n == f"key-{jid}" or n.startswith(STAGING_DIR)]
     spool = h.config.state_dir / "uploads"
     if spool.is_dir():
         found += [p.name for p in spool.iterdir()]

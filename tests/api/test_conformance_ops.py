@@ -27,6 +27,7 @@ from tests.api.conformance_support import (
     ordered,
     post_plugin,
     read_json,
+    storebase_contents,
     wait_status,
 )
 from tests.conftest import Harness, start_fake_agent, stop_task
@@ -299,7 +300,7 @@ async def test_copy_and_upload_are_skipped_in_zipfile_mode(harness: Harness) -> 
         # Nothing was scheduled or written.
         for collection, jid in (("copyjobs", "cp-1"), ("uploadjobs", "up-1")):
             assert (await get_status(s, harness, jid, collection))[0] == 404
-    assert sorted(p.name for p in harness.config.storebase_mount.iterdir()) == []
+    assert storebase_contents(harness) == []
 
 
 @pytest.mark.parametrize(("path", "data", "message"), [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import re
 import stat
 import zipfile
@@ -33,6 +34,7 @@ from tests.api.conformance_support import (
     plugin_fields,
     post_plugin,
     read_json,
+    storebase_contents,
     wait_status,
 )
 from tests.conftest import Harness
@@ -195,11 +197,11 @@ async def test_negative_limits_are_refused(harness: Harness, field: str) -> None
                                    "_x", ".hidden", "a\\b", "ü", "a:b", "a\nb"])
 async def test_invalid_jid_is_a_bundle_error(harness: Harness, value: str) -> None:
     # pfleet differs: pfcon would let the backend fail with a 500.
-    before = sorted(p.name for p in harness.config.storebase_mount.iterdir())
+    before = storebase_contents(harness)
     async with aiohttp.ClientSession(headers=harness.headers()) as s:
         status, body = await post_plugin(s, harness, value)
     assert (status, body) == (400, {"message": {"jid": jid_error(value)}})
-    assert sorted(p.name for p in harness.config.storebase_mount.iterdir()) == before
+    assert storebase_contents(harness) == before
 
 
 # ------------------------------------------------------------ validation order
@@ -293,6 +295,39 @@ async def test_hostile_zip_is_refused_and_leaves_nothing(
     assert leftovers(harness, "evil-1") == []
     assert not (harness.config.storebase_mount / "evil").exists()
     assert not (harness.config.storebase_mount.parent / "evil").exists()
+
+
+async def test_data_file_before_the_other_fields(harness: Harness) -> None:
+    # The zip is unpacked as it arrives, before the form has named the jid.
+    form = aiohttp.FormData()
+    form.add_field("data_file", DEFAULT_ZIP, filename="data_file",
+                   content_type="application/octet-stream")
+    for key, value in plugin_fields("first-1"):
+        form.add_field(key, value)
+    async with aiohttp.ClientSession(headers=harness.headers()) as s:
+        r = await s.post(harness.base + "pluginjobs/", data=form)
+        body = await read_json(r)
+    assert (r.status, body["data"]["nfiles"]) == (201, 2), body
+    incoming = harness.config.storebase_mount / "key-first-1" / "incoming"
+    assert (incoming / "sub" / "b.txt").read_bytes() == b"world\n"
+    assert leftovers(harness, "none") == []  # no staging dir or spool remains
+
+
+async def test_zip_refused_early_still_answers_after_the_whole_body(harness: Harness) -> None:
+    # '../evil' is refused at its local header; the 8 MiB that follow are read and
+    # dropped so that the client gets its 400 rather than a reset connection.
+    data = make_zip_infos([(zipfile.ZipInfo("../evil"), b"x"),
+                           *((zipfile.ZipInfo(f"f{i}.bin"), os.urandom(1 << 20))
+                             for i in range(8))])
+
+    def send() -> tuple[int, object]:
+        r = requests.post(harness.base + "pluginjobs/", headers=harness.headers(),
+                          data=plugin_fields("early-1"), files={"data_file": data}, timeout=60)
+        return r.status_code, r.json()
+
+    assert await asyncio.to_thread(send) == (
+        400, {"message": "data_file: entry '../evil' contains '..'"})
+    assert leftovers(harness, "early-1") == []
 
 
 async def test_limits_are_413_and_leave_nothing(tmp_path: Path) -> None:

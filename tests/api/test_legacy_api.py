@@ -29,6 +29,7 @@ from tests.api.conformance_support import (
     ordered,
     plugin_fields,
     read_json,
+    storebase_contents,
     wait_status,
 )
 from tests.api.innetwork_support import (
@@ -132,7 +133,7 @@ async def test_zipfile_submit_errors(harness: Harness, kwargs: dict[str, Any], s
         assert await legacy_post_zip(s, harness, "lze-1", **kwargs) == (
             status, {"message": message})
         assert (await legacy_status(s, harness, "lze-1"))[0] == 404
-    assert list(harness.config.storebase_mount.iterdir()) == []
+    assert storebase_contents(harness) == []
 
 
 async def test_zipfile_submit_without_data_file(harness: Harness) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from controller.storage import unzip
 from controller.storage.paths import StorageError, key_dir, safe_join
-from controller.storage.unzip import unpack_zip
+from controller.storage.zipstream import unpack_zip
 
 MiB = 1 << 20
 LIMITS = {"max_files": 1000, "max_bytes": 64 * MiB}
@@ -44,6 +44,11 @@ def unpack(tmp_path: Path, data: bytes, **limits: int) -> tuple[int, Path]:
     dest = tmp_path / "incoming"
     dest.mkdir()
     return unpack_zip(zip_path, dest, **{**LIMITS, **limits}), dest
+
+
+def nothing_outside_dest(tmp_path: Path) -> bool:
+    """Only the zip and the destination remain (the spool is gone)."""
+    return sorted(p.name for p in tmp_path.iterdir()) == ["data.zip", "incoming"]
 
 
 def refused(tmp_path: Path, data: bytes, **limits: int) -> StorageError:
@@ -220,7 +225,7 @@ def test_refuses_escaping_names(tmp_path: Path, name: str, message: str | None) 
     assert str(err) == message
     assert err.status == 400
     assert not (tmp_path / "evil").exists()
-    assert not (tmp_path / "incoming" / "ok.txt").exists()  # refused before writing
+    assert nothing_outside_dest(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -235,7 +240,9 @@ def test_refuses_links_and_special_files(tmp_path: Path, mode: int, why: str) ->
     err = refused(tmp_path, make_zip([(info("link", mode), b"/etc/passwd")]))
     assert str(err) == f"data_file: entry 'link' {why}"
     assert err.status == 400
-    assert list((tmp_path / "incoming").iterdir()) == []
+    # its data may have been streamed as a plain file (modes live in the central
+    # directory); never as a link or a special file
+    assert all(p.is_file() and not p.is_symlink() for p in (tmp_path / "incoming").iterdir())
 
 
 def test_refuses_encrypted_entries(tmp_path: Path) -> None:
@@ -268,7 +275,7 @@ def test_too_many_entries(tmp_path: Path) -> None:
     data = make_zip([(f"f{i}.txt", b"x") for i in range(10)])
     err = refused(tmp_path, data, max_files=5)
     assert (str(err), err.status) == ("data_file: more than 5 entries", 413)
-    assert list((tmp_path / "incoming").iterdir()) == []
+    assert len(list((tmp_path / "incoming").iterdir())) <= 5  # stopped at the sixth
 
 
 def test_exactly_max_files_is_fine(tmp_path: Path) -> None:
@@ -280,7 +287,7 @@ def test_declared_size_over_limit_refused_before_writing(tmp_path: Path) -> None
     data = make_zip([("a.bin", bytes(6 * MiB)), ("b.bin", bytes(5 * MiB))])
     err = refused(tmp_path, data, max_bytes=10 * MiB)
     assert (str(err), err.status) == ("data_file: uncompressed size over 10 MiB", 413)
-    assert list((tmp_path / "incoming").iterdir()) == []
+    assert sum(p.stat().st_size for p in (tmp_path / "incoming").iterdir()) <= 10 * MiB
 
 
 def bomb() -> bytes:
@@ -298,18 +305,127 @@ def test_lying_sizes_never_write_past_the_declared_size(tmp_path: Path) -> None:
 def test_actual_bytes_are_counted_while_extracting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # bypass the declared-size check to prove the running count alone stops a bomb
-    real_plan = unzip._plan
-    monkeypatch.setattr(unzip, "_plan", lambda infos, mf, mb: real_plan(infos, mf, 1 << 40))
-    err = refused(tmp_path, bomb(), max_bytes=10 * MiB)
+    # A zip with data descriptors is extracted from the spool; bypass the declared-size
+    # check there to prove the running count alone stops a bomb.
+    real_plan = unzip.plan
+    monkeypatch.setattr(unzip, "plan", lambda infos, mf, mb: real_plan(infos, mf, 1 << 40))
+    err = refused(tmp_path, make_unseekable_zip([("bomb.bin", bytes(50 * MiB))]),
+                  max_bytes=10 * MiB)
     assert (str(err), err.status) == ("data_file: uncompressed size over 10 MiB", 413)
     assert (tmp_path / "incoming" / "bomb.bin").stat().st_size <= 10 * MiB
 
 
 def test_budget_spans_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_plan = unzip._plan
-    monkeypatch.setattr(unzip, "_plan", lambda infos, mf, mb: real_plan(infos, mf, 1 << 40))
-    data = make_zip([(f"part{i}.bin", bytes(3 * MiB)) for i in range(4)])
+    real_plan = unzip.plan
+    monkeypatch.setattr(unzip, "plan", lambda infos, mf, mb: real_plan(infos, mf, 1 << 40))
+    data = make_unseekable_zip([(f"part{i}.bin", bytes(3 * MiB)) for i in range(4)])
     err = refused(tmp_path, data, max_bytes=10 * MiB)
     assert str(err) == "data_file: uncompressed size over 10 MiB"
     assert sum(p.stat().st_size for p in (tmp_path / "incoming").iterdir()) <= 10 * MiB
+
+
+# -- streaming while the upload arrives ---------------------------------------------
+
+
+class _Unseekable(io.RawIOBase):
+    """A write-only stream zipfile cannot seek in, so it writes data descriptors."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: bytes) -> int:  # type: ignore[override]
+        self.buf += b
+        return len(b)
+
+
+def make_unseekable_zip(entries: list[tuple[str | zipfile.ZipInfo, bytes]]) -> bytes:
+    out = _Unseekable()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries:
+            zf.writestr(name, data)
+    return bytes(out.buf)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 4096])
+def test_headers_and_data_split_across_chunks(tmp_path: Path, chunk_size: int) -> None:
+    entries = [("a/b.txt", b"hello" * 100), ("c/", b""), ("d.bin", os.urandom(10_000))]
+    zip_path = tmp_path / "data.zip"
+    zip_path.write_bytes(make_zip(entries))
+    dest = tmp_path / "incoming"
+    dest.mkdir()
+    assert unpack_zip(zip_path, dest, chunk_size=chunk_size, **LIMITS) == 2
+    assert (dest / "a/b.txt").read_bytes() == b"hello" * 100
+    assert (dest / "d.bin").read_bytes() == entries[2][1]
+    assert nothing_outside_dest(tmp_path)
+
+
+def test_data_descriptors_are_extracted_from_the_spool(tmp_path: Path) -> None:
+    payload = os.urandom(200_000)
+    data = make_unseekable_zip([("x/big.bin", payload), (info("run.sh", stat.S_IFREG | 0o755),
+                                                          b"#!/bin/sh\n")])
+    assert zipfile.ZipFile(io.BytesIO(data)).infolist()[0].flag_bits & 0x8  # as intended
+    nfiles, dest = unpack(tmp_path, data)
+    assert nfiles == 2
+    assert (dest / "x/big.bin").read_bytes() == payload
+    assert stat.S_IMODE((dest / "run.sh").stat().st_mode) == 0o755
+    assert nothing_outside_dest(tmp_path)
+
+
+def test_streams_until_an_entry_it_cannot_then_spools_the_rest(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("first.txt", b"1" * 5000)
+        zf.writestr("lzma.txt", b"2" * 5000, compress_type=zipfile.ZIP_LZMA)
+        zf.writestr("stored.txt", b"3" * 5000, compress_type=zipfile.ZIP_STORED)
+    nfiles, dest = unpack(tmp_path, buf.getvalue())
+    assert nfiles == 3
+    for name, digit in (("first.txt", b"1"), ("lzma.txt", b"2"), ("stored.txt", b"3")):
+        assert (dest / name).read_bytes() == digit * 5000
+
+
+def test_bytes_before_the_first_header_are_allowed(tmp_path: Path) -> None:
+    # a self-extracting stub in front of the zip, as zipfile itself accepts
+    data = b"#!/bin/sh\nexit 0\n" + make_zip([("a.txt", b"A")])
+    nfiles, dest = unpack(tmp_path, data)
+    assert (nfiles, (dest / "a.txt").read_bytes()) == (1, b"A")
+
+
+def test_zip64_entries_stream(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with (zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf,
+          zf.open("big.bin", "w", force_zip64=True) as out):
+        out.write(b"z" * 70_000)
+    nfiles, dest = unpack(tmp_path, buf.getvalue())
+    assert (nfiles, (dest / "big.bin").read_bytes()) == (1, b"z" * 70_000)
+
+
+def test_local_name_must_match_the_central_directory(tmp_path: Path) -> None:
+    data = make_zip([("good.txt", b"x")])
+    local = data.index(b"PK\x03\x04")
+    data = data[:local + 30] + b"evil.txt" + data[local + 38:]
+    err = refused(tmp_path, data)
+    assert (str(err), err.status) == ("data_file: Bad zip file (entry 'good.txt' is corrupt)",
+                                      400)
+
+
+def test_entries_outside_the_central_directory_are_refused(tmp_path: Path) -> None:
+    hidden = make_zip([("hidden.txt", b"h")])
+    buf = io.BytesIO()
+    buf.write(hidden[:hidden.index(b"PK\x01\x02")])  # a local entry and no directory
+    with zipfile.ZipFile(buf, "a") as zf:  # a zip appended after it
+        zf.writestr("ok.txt", b"o")
+    data = buf.getvalue()
+    assert [i.filename for i in zipfile.ZipFile(io.BytesIO(data)).infolist()] == ["ok.txt"]
+    err = refused(tmp_path, data)
+    assert str(err) == ("data_file: Bad zip file (entry 'hidden.txt' is not in the central "
+                        "directory)")
+
+
+def test_upload_ending_inside_an_entry_is_a_bad_zip(tmp_path: Path) -> None:
+    data = make_zip([("a.bin", os.urandom(50_000))])
+    err = refused(tmp_path, data[:20_000])
+    assert (str(err), err.status) == ("data_file: Bad zip file", 400)
+    assert nothing_outside_dest(tmp_path)

@@ -5,7 +5,9 @@ only switches the quirks below and the runtime name reported to the controller.
 
 What this module promises (see ``base.Runtime`` for the contract):
 
-* The event loop never blocks: every SDK call runs in a thread pool of
+* The event loop never blocks: the calls on a job's path (create, start, inspect,
+  logs, stop, remove) go straight to the engine over aiohttp
+  (``docker_http.EngineHTTP``); the rarer SDK calls run in a thread pool of
   ``max_concurrency`` threads; the event stream has a thread of its own.
 * A container is named after the job (``spec.name``) and carries pfleet's labels
   (job, attempt, agent, jid) next to ``JOB_LABELS`` and pfcon's job_type label,
@@ -38,7 +40,7 @@ import logging
 import math
 import os
 import random
-import threading
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +49,7 @@ from typing import Any, TypeVar
 import docker
 import docker.errors
 import docker.models.containers
+import docker.utils.utils
 import requests
 
 from agent.protocol import JobSpec
@@ -76,6 +79,7 @@ from agent.runtimes.docker_config import (
     short_error,
     status_from_inspect,
 )
+from agent.runtimes.docker_http import TRANSPORT_ERRORS, EngineHTTP, unsupported_url
 from agent.runtimes.keyed_locks import KeyedLocks
 
 __all__ = ["DockerRuntime", "DockerSettings"]
@@ -93,6 +97,7 @@ ENGINE_ERRORS: tuple[type[BaseException], ...] = (
     docker.errors.DockerException,
     requests.exceptions.RequestException,
     OSError,
+    *TRANSPORT_ERRORS,
 )
 
 # Container events that change a job's state.  Podman filters on its native names
@@ -107,7 +112,6 @@ EVENT_ACTIONS = {
 STABLE_SUMMARY_STATES = frozenset({"running", "paused", "exited", "dead"})
 DIRECT_INSPECT_MAX = 2  # status() of this many handles or fewer inspects them directly
 
-_END = object()  # end-of-stream marker passed from the event thread to the loop
 
 
 class DockerRuntime(Runtime):
@@ -119,19 +123,21 @@ class DockerRuntime(Runtime):
     """
 
     def __init__(self, settings: DockerSettings, *, rng: random.Random | None = None) -> None:
-        problems = settings.validate()
+        url = settings.base_url or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_URL
+        problems = [*settings.validate(), *filter(None, [unsupported_url(url)])]
         if problems:
             raise ValueError("docker runtime settings: " + "; ".join(problems))
         self.settings = settings
         self.name = settings.engine
         self._user = parse_container_user(settings.container_user)
         self._rng = rng or random.SystemRandom()
-        self._url = settings.base_url or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_URL
+        self._url = url
         self._filters = {"label": f"{LABEL_AGENT}={settings.agent_name}"}
         self._executor = ThreadPoolExecutor(
             max_workers=settings.max_concurrency, thread_name_prefix=f"pfleet-{settings.engine}"
         )
         self._docker: docker.DockerClient | None = None
+        self._http: EngineHTTP | None = None
         self._client_lock = asyncio.Lock()
         self._info: dict[str, Any] | None = None
         self._info_at = 0.0
@@ -139,8 +145,7 @@ class DockerRuntime(Runtime):
         self._locks = KeyedLocks()
         self._status_cache: dict[str, tuple[str, JobStatus]] = {}  # id -> (summary, status)
         self._stopped: set[str] = set()  # container ids pfleet stopped (not OOM on podman)
-        self._streams: set[Any] = set()
-        self._threads: set[threading.Thread] = set()
+        self._event_streams = 0
         self._closed = False
 
     # ------------------------------------------------------------------ interface
@@ -266,21 +271,17 @@ class DockerRuntime(Runtime):
     async def logs(self, handle: Handle, tail: int) -> str:
         if tail <= 0:
             return ""
-        client = await self._client()
+        api = await self._api()
         try:
-            data = await self._run(
-                client.api.logs, _ref(handle), stdout=True, stderr=True, tail=tail
-            )
+            data = await api.logs(_ref(handle), tail)
         except docker.errors.NotFound:
             return ""
         except ENGINE_ERRORS as exc:
             raise self._failure(exc) from exc
-        if isinstance(data, bytes):
-            return data.decode("utf-8", errors="replace")
-        return str(data)
+        return data.decode("utf-8", errors="replace")
 
     async def cancel(self, handle: Handle, grace: float = 10.0) -> None:
-        client = await self._client()
+        api = await self._api()
         self._stopped.add(handle.native_id)
         log.info(
             "cancel jid=%s job=%s attempt=%d container=%s grace=%s",
@@ -291,16 +292,16 @@ class DockerRuntime(Runtime):
             grace,
         )
         try:
-            await self._run(client.api.stop, _ref(handle), timeout=max(0, math.ceil(grace)))
+            await api.stop(_ref(handle), max(0, math.ceil(grace)))
         except docker.errors.NotFound:
             return
         except ENGINE_ERRORS as exc:
             raise self._failure(exc) from exc
 
     async def remove(self, handle: Handle, force: bool = True) -> None:
-        client = await self._client()
+        api = await self._api()
         try:
-            await self._run(client.api.remove_container, _ref(handle), force=force, v=False)
+            await api.remove_container(_ref(handle), force=force)
         except docker.errors.NotFound:
             pass
         except docker.errors.APIError as exc:
@@ -350,68 +351,54 @@ class DockerRuntime(Runtime):
     async def changes(self) -> AsyncIterator[str]:
         """Job ids from the engine's container events (start, die, oom, destroy).
 
-        The stream is read in a thread of its own and handed to the loop; the
-        iteration ends when the stream breaks or cannot be opened (the agent polls
-        ``status`` meanwhile and restarts this later).  Leaving the loop, cancelling
-        the consumer or ``close()`` closes the stream so the thread ends.
+        The iteration ends when the stream breaks or cannot be opened (the agent
+        polls ``status`` meanwhile and restarts this later); ``close()`` ends it.
         """
         if self._closed:
             return
+        filters = {"type": ["container"], "label": [self._filters["label"]],
+                   "event": EVENT_ACTIONS[self.settings.engine]}
+        opened = False
+
+        def on_open() -> None:
+            nonlocal opened
+            opened = True
+            self._event_streams += 1
+
         try:
-            client = await self._client()
-            stream = await self._run(
-                client.events,
-                decode=True,
-                filters={
-                    "type": "container",
-                    "label": self._filters["label"],
-                    "event": EVENT_ACTIONS[self.settings.engine],
-                },
-            )
+            api = await self._api()
+            async for event in api.events(filters, on_open=on_open):
+                job = ((event.get("Actor") or {}).get("Attributes") or {}).get(LABEL_JOB)
+                if job:
+                    yield str(job)
+            log.info("events.ended engine=%s", self.name)
+        # The stream ends by being closed under us or by the engine going away;
+        # either way the agent falls back on polling.
         except (RuntimeFailure, *ENGINE_ERRORS) as exc:
-            log.warning("events.unavailable engine=%s reason=%s", self.name, short_error(str(exc)))
-            return
-        if self._closed:  # close() ran while the stream was being opened
-            _close_stream(stream)
-            return
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        thread = threading.Thread(
-            target=self._pump_events,
-            args=(stream, loop, queue),
-            name=f"pfleet-{self.name}-events",
-            daemon=True,
-        )
-        self._streams.add(stream)
-        self._threads = {t for t in self._threads if t.is_alive()} | {thread}
-        thread.start()
-        try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    log.info("events.ended engine=%s", self.name)
-                    return
-                yield str(item)
+            what = "events.ended" if opened else "events.unavailable"
+            log.warning("%s engine=%s reason=%s", what, self.name, short_error(str(exc)))
         finally:
-            self._streams.discard(stream)
-            _close_stream(stream)
+            if opened:
+                self._event_streams -= 1
+
+    @property
+    def event_streams(self) -> int:
+        """How many ``changes()`` streams are open at the engine right now."""
+        return self._event_streams
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for stream in list(self._streams):
-            _close_stream(stream)
-        self._streams.clear()
-        threads = [t for t in self._threads if t.is_alive()]
-        self._threads.clear()
         client, self._docker = self._docker, None
+        http, self._http = self._http, None
+        if http is not None:
+            await http.close()
         loop = asyncio.get_running_loop()
         if client is not None:
             with contextlib.suppress(Exception):  # closing a broken client is still closed
                 await loop.run_in_executor(self._executor, client.close)
         self._executor.shutdown(wait=False, cancel_futures=True)
-        await asyncio.to_thread(_join_all, threads, THREAD_JOIN_TIMEOUT)
         # A blocking call still running (a long pull) is not waited for past the bound.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
@@ -429,7 +416,7 @@ class DockerRuntime(Runtime):
         pulled = False
         for _ in range(4):
             try:
-                cid = await self._run(_create_container, client, kwargs)
+                cid = await self._create_container(client, kwargs)
             except docker.errors.APIError as exc:
                 text = short_error(str(exc.explanation or exc))
                 if is_name_conflict(exc.status_code, text):
@@ -506,7 +493,7 @@ class DockerRuntime(Runtime):
             labels.get(LABEL_ATTEMPT, ""),
         )
         try:
-            await self._run(client.api.remove_container, cid, force=True, v=False)
+            await (await self._api()).remove_container(cid, force=True)
         except docker.errors.NotFound:
             pass
         except ENGINE_ERRORS as exc:
@@ -515,7 +502,7 @@ class DockerRuntime(Runtime):
 
     async def _start_container(self, client: docker.DockerClient, spec: JobSpec, cid: str) -> None:
         try:
-            await self._run(client.api.start, cid)
+            await (await self._api()).start(cid)
             return
         except docker.errors.APIError as exc:
             text = short_error(str(exc.explanation or exc))
@@ -539,7 +526,7 @@ class DockerRuntime(Runtime):
         )
         if isinstance(failure, JobRejected):  # leave no debris behind a rejected job
             with contextlib.suppress(docker.errors.NotFound, *ENGINE_ERRORS):
-                await self._run(client.api.remove_container, cid, force=True, v=False)
+                await (await self._api()).remove_container(cid, force=True)
         raise failure from error
 
     async def _ensure_image(self, client: docker.DockerClient, spec: JobSpec) -> None:
@@ -593,8 +580,27 @@ class DockerRuntime(Runtime):
             return self._docker
         async with self._client_lock:
             if self._docker is None:
-                self._docker = await self._call(self._connect)
+                client = await self._call(self._connect)
+                self._http = EngineHTTP(
+                    self._url, client.api._version, timeout=self.settings.request_timeout,
+                    tls=_tls_context(client.api),
+                    connections=max(10, self.settings.max_concurrency + 2))
+                self._docker = client
         return self._docker
+
+    async def _api(self) -> EngineHTTP:
+        """The direct client for the calls on a job's path (made with the SDK client,
+        whose negotiated API version it uses)."""
+        await self._client()
+        if self._closed or self._http is None:
+            raise RuntimeUnavailable(f"the {self.name} runtime is closed")
+        return self._http
+
+    async def _create_container(self, client: docker.DockerClient, kwargs: dict[str, Any]) -> str:
+        """``containers.create`` as the SDK builds it, sent directly (and without the
+        extra inspect the SDK's model layer makes afterwards)."""
+        config, name = _container_config(client, kwargs)
+        return await (await self._api()).create_container(config, name)
 
     def _connect(self) -> docker.DockerClient:
         # version="auto" asks the engine, so new engines that dropped old API
@@ -649,30 +655,12 @@ class DockerRuntime(Runtime):
 
     async def _inspect(self, client: docker.DockerClient, ref: str) -> dict[str, Any] | None:
         try:
-            return await self._run(client.api.inspect_container, ref)
+            return await (await self._api()).inspect_container(ref)
         except docker.errors.NotFound:
             return None
         except ENGINE_ERRORS as exc:
             raise self._failure(exc) from exc
 
-
-    def _pump_events(
-        self, stream: Any, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[object]
-    ) -> None:
-        """Event thread: forward the job label of each event to the loop."""
-        try:
-            for event in stream:
-                actor = (event.get("Actor") or {}) if isinstance(event, dict) else {}
-                job = (actor.get("Attributes") or {}).get(LABEL_JOB)
-                if job:
-                    loop.call_soon_threadsafe(queue.put_nowait, job)
-        # The stream ends by being closed under us (or the engine going away); either
-        # way the iterator ends and the agent falls back on polling.
-        except Exception as exc:
-            log.debug("events.stream-closed engine=%s reason=%s", self.name, exc)
-        finally:
-            with contextlib.suppress(RuntimeError):  # the loop is already closed
-                loop.call_soon_threadsafe(queue.put_nowait, _END)
 
     def _failure(self, exc: BaseException, *, creating: bool = False) -> RuntimeFailure:
         """Translate an SDK/transport error.  ``creating``: a create/start error that
@@ -692,11 +680,39 @@ class DockerRuntime(Runtime):
         return Handle(self.name, cid, spec.job, spec.attempt, spec.name, spec.kind)
 
 
-def _create_container(client: docker.DockerClient, kwargs: dict[str, Any]) -> str:
-    """``containers.create`` without the extra inspect the SDK makes afterwards."""
-    create_args = docker.models.containers._create_container_args(
+def _container_config(
+    client: docker.DockerClient, kwargs: dict[str, Any]
+) -> tuple[dict[str, Any], str | None]:
+    """The body and name of the create request the SDK would send for ``kwargs``
+    (``containers.run`` style); pure computation, no I/O."""
+    args = docker.models.containers._create_container_args(
         {**kwargs, "version": client.api._version})
-    return str(client.api.create_container(**create_args)["Id"])
+    name = args.pop("name", None)
+    if args.pop("platform", None):
+        raise JobRejected("a platform cannot be chosen for pfleet jobs")
+    environment = args.get("environment")
+    if isinstance(environment, dict):
+        environment = docker.utils.utils.format_environment(environment)
+    if args.pop("use_config_proxy", True):  # the SDK's default: ~/.docker/config.json proxies
+        environment = client.api._proxy_configs.inject_proxy_environment(environment) or None
+    args["environment"] = environment
+    return dict(client.api.create_container_config(**args)), name
+
+
+def _tls_context(api: docker.APIClient) -> ssl.SSLContext | None:
+    """The TLS settings the SDK resolved (DOCKER_TLS_VERIFY, DOCKER_CERT_PATH) as an
+    SSL context for the direct client; None for plain HTTP and unix sockets."""
+    if not str(api.base_url).startswith("https://"):
+        return None
+    verify = api.verify
+    context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+    if verify is False:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if api.cert:
+        cert, key = api.cert if isinstance(api.cert, tuple) else (api.cert, None)
+        context.load_cert_chain(cert, key)
+    return context
 
 
 def _pull(client: docker.DockerClient, image: str) -> str:
@@ -735,13 +751,3 @@ def _handle_jid(handle: Handle) -> str:
     return handle.name
 
 
-def _close_stream(stream: Any) -> None:
-    # Shutting the socket down wakes the event thread blocked in recv().
-    with contextlib.suppress(Exception):
-        stream.close()
-
-
-def _join_all(threads: list[threading.Thread], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))

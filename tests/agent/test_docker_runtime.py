@@ -400,11 +400,10 @@ async def test_changes_yield_the_job_when_its_container_dies(
     container_engine: Engine, runtimes: MakeRuntime
 ) -> None:
     runtime = runtimes(container_engine)
-    events_thread = f"pfleet-{container_engine.kind}-events"
     changes = runtime.changes()
     pending = asyncio.ensure_future(anext(changes))
-    for _ in range(50):  # the stream is open once its reader thread runs
-        if _threads(events_thread):
+    for _ in range(50):  # until the engine accepted the subscription
+        if runtime.event_streams:
             break
         await asyncio.sleep(POLL)
     handle = await runtime.start(job_spec(["sh", "-c", "sleep 0.5; exit 4"]))
@@ -413,18 +412,19 @@ async def test_changes_yield_the_job_when_its_container_dies(
         seen.append(await asyncio.wait_for(anext(changes), 15))
     assert (await wait_state(runtime, handle, "exited")).exit_code == 4
     await changes.aclose()
-    assert await _no_threads(events_thread)
+    assert runtime.event_streams == 0
 
-    # close() ends an open stream: the iterator stops and its thread exits
+    # close() ends an open stream: the iterator stops
     pending = asyncio.ensure_future(anext(runtime.changes()))
     for _ in range(50):
-        if _threads(events_thread):
+        if runtime.event_streams:
             break
         await asyncio.sleep(POLL)
-    assert _threads(events_thread)
+    assert runtime.event_streams == 1
     await runtime.close()
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(pending, 10)
+    assert runtime.event_streams == 0
     assert await _no_threads(f"pfleet-{container_engine.kind}")
 
 

@@ -231,6 +231,8 @@ class Agent:
             await self.supervisor.run(message.spec)
         elif isinstance(message, p.Remove):
             await self.supervisor.remove(message.job, message.attempt, message.name)
+            if message.request:
+                return p.RemoveReply(request=message.request)
         elif isinstance(message, p.Cancel):
             await self.supervisor.cancel(message.job, message.attempt)
         elif isinstance(message, p.LogsRequest):

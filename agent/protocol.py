@@ -205,6 +205,13 @@ class Remove(Message):
     job: str
     attempt: int
     name: str = ""
+    request: str = ""  # when set, the agent answers RemoveReply once it is done
+
+
+@dataclass(frozen=True)
+class RemoveReply(Message):
+    type: ClassVar[str] = "remove_reply"
+    request: str
 
 
 @dataclass(frozen=True)
@@ -226,7 +233,7 @@ class LogsReply(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.type: cls
     for cls in (Hello, Welcome, Heartbeat, Event, Ack, Inventory, Run, Cancel, Remove,
-                LogsRequest, LogsReply)
+                RemoveReply, LogsRequest, LogsReply)
 }
 
 

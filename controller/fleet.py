@@ -49,7 +49,8 @@ class AgentSession:
     connected_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     heartbeat: p.Heartbeat | None = None
-    pending_logs: dict[str, asyncio.Future[str]] = field(default_factory=dict)
+    # answers awaited from the agent (logs, removals), by request id
+    pending: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def send(self, message: p.Message) -> None:
@@ -184,8 +185,9 @@ class Fleet:
                 del self.sessions[name]
                 self.disconnected_since[name] = time.monotonic()
                 log.info("agent disconnected agent=%s", name)
-            for fut in session.pending_logs.values():
-                fut.cancel()
+            for fut in session.pending.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionResetError(f"agent {name} disconnected"))
         return ws
 
     async def _read_hello(self, ws: web.WebSocketResponse, name: str) -> p.Hello:
@@ -228,10 +230,10 @@ class Fleet:
             await self._on_event(session, message)
         elif isinstance(message, p.Inventory):
             await self._reconcile(session, message)
-        elif isinstance(message, p.LogsReply):
-            fut = session.pending_logs.pop(message.request, None)
+        elif isinstance(message, (p.LogsReply, p.RemoveReply)):
+            fut = session.pending.pop(message.request, None)
             if fut is not None and not fut.done():
-                fut.set_result(message.logs)
+                fut.set_result(message)
         else:
             log.warning("unexpected message agent=%s type=%s", session.name, message.type)
 
@@ -414,17 +416,36 @@ class Fleet:
 
     # ------------------------------------------------------- removals, logs
 
-    async def remove_workload(self, job: JobRow, attempt: int | None = None) -> None:
-        """Ask the agent that ran ``attempt`` (default: current) to remove it.  When
-        the agent is offline the reconcile at its reconnect does it."""
+    async def remove_workload(self, job: JobRow, attempt: int | None = None, *,
+                              wait: float = 0.0) -> None:
+        """Ask the agent that ran ``attempt`` (default: current) to remove it, and
+        wait up to ``wait`` seconds for it to be done (pfcon removes the container
+        before answering a DELETE).  When the agent is offline, or slower, the
+        reconcile at its reconnect or the agent itself finishes the job."""
         attempt = job.attempt if attempt is None else attempt
         agent = job.agent if attempt == job.attempt else await self.store.attempt_agent(
             job.id, attempt)
         session = self.sessions.get(agent) if agent else None
         if session is None:
             return
-        with contextlib.suppress(ConnectionResetError):
-            await session.send(p.Remove(job=job.id, attempt=attempt, name=job.name))
+        if wait <= 0:
+            with contextlib.suppress(ConnectionResetError):
+                await session.send(p.Remove(job=job.id, attempt=attempt, name=job.name))
+            return
+        await self._ask(session, p.Remove(job=job.id, attempt=attempt, name=job.name,
+                                          request=uuid.uuid4().hex), wait)
+
+    async def _ask(self, session: AgentSession, message: p.Remove | p.LogsRequest,
+                   within: float) -> p.Message:
+        """Send a request and wait for the agent's reply to it.  Raises TimeoutError,
+        or ConnectionResetError when the link closes meanwhile."""
+        fut: asyncio.Future[p.Message] = asyncio.get_running_loop().create_future()
+        session.pending[message.request] = fut
+        try:
+            await session.send(message)
+            return await asyncio.wait_for(fut, within)
+        finally:
+            session.pending.pop(message.request, None)
 
     def logs_for(self, job: JobRow) -> str:
         """Logs to show for a job now, never waiting on an agent: the final tail of a
@@ -446,16 +467,11 @@ class Fleet:
         session = self.sessions.get(job.agent or "")
         if session is None:
             return job.logs
-        request_id = uuid.uuid4().hex
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        session.pending_logs[request_id] = fut
-        try:
-            await session.send(p.LogsRequest(request=request_id, job=job.id,
-                                             attempt=job.attempt,
-                                             tail=self.config.job_logs_tail))
-            return await asyncio.wait_for(fut, LOGS_REQUEST_TIMEOUT)
-        finally:
-            session.pending_logs.pop(request_id, None)
+        reply = await self._ask(session, p.LogsRequest(
+            request=uuid.uuid4().hex, job=job.id, attempt=job.attempt,
+            tail=self.config.job_logs_tail), LOGS_REQUEST_TIMEOUT)
+        assert isinstance(reply, p.LogsReply)
+        return reply.logs
 
     async def _refresh_logs(self, job: JobRow) -> None:
         try:

@@ -38,6 +38,7 @@ NO_COPY = ("No copy job found. A copy job must complete successfully before sche
            "plugin job.")
 COPY_NOT_DONE = ("Copy job has not completed successfully (status: {status}). Run the copy "
                  "job first.")
+DELETE_WAIT = 10.0  # seconds a DELETE waits for the agent to remove the workload, as pfcon does
 NO_PLUGIN = ("No plugin job found. A plugin job must complete before scheduling an upload "
              "job.")
 PLUGIN_NOT_DONE = ("Plugin job has not completed yet (status: {status}). The plugin job must "
@@ -74,8 +75,7 @@ class JobService:
             raise ApiError(str(exc), exc.status) from None
 
     def new_upload(self) -> zipmode.ZipUpload:
-        """A ``data_file`` receiver for this controller's limits (blocking: it makes
-        its staging dir)."""
+        """A ``data_file`` receiver for this controller's limits."""
         config = self.config
         return zipmode.ZipUpload(config.storebase_mount, config.state_dir / "uploads",
                                  max_files=config.max_files,
@@ -302,7 +302,12 @@ class JobService:
                 return True
             removed = await self.store.mark_removed(job.id)
             if removed is not None:
-                await self.fleet.remove_workload(removed)
+                try:
+                    await self.fleet.remove_workload(removed, wait=DELETE_WAIT)
+                except (TimeoutError, ConnectionResetError) as exc:
+                    # the agent finishes it later, or its reconcile does
+                    log.warning("job removal not confirmed jid=%s name=%s reason=%s", jid,
+                                name, exc or "timeout")
                 self.fleet.kick()
             log.info("job removed jid=%s name=%s", jid, name)
             return True

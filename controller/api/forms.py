@@ -141,7 +141,8 @@ class FormBody:
         """Remove what is left of the upload (blocking work off the loop)."""
         if self.upload is not None:
             upload, self.upload = self.upload, None
-            await asyncio.get_running_loop().run_in_executor(None, upload.discard)
+            if upload.leaves_files:
+                await asyncio.get_running_loop().run_in_executor(None, upload.discard)
 
 
 UploadFactory = Callable[[], ZipUpload]
@@ -240,7 +241,7 @@ async def _receive_zip(part: BodyPartReader, body: FormBody, new_upload: UploadF
     """Feed the part to a new upload, reading the next megabyte from the network
     while a worker thread writes the previous one."""
     loop = asyncio.get_running_loop()
-    upload = body.upload = await loop.run_in_executor(None, new_upload)
+    upload = body.upload = new_upload()
     received = 0
     writing: asyncio.Future[None] | None = None
     batch: list[bytes] = []

@@ -30,8 +30,8 @@ SPOOL_PREFIX = "upload-"
 
 
 class ZipUpload:
-    """One ``data_file`` being unpacked as it arrives (blocking methods: call them
-    off the event loop).
+    """One ``data_file`` being unpacked as it arrives (construction does no I/O;
+    the other methods block: call them off the event loop).
 
     A refusal found mid-stream stops the writing but is raised only by
     :meth:`finish`, once the whole body was read: the client gets its answer
@@ -45,32 +45,59 @@ class ZipUpload:
         self.spool = spool_dir / f"{SPOOL_PREFIX}{name}"
         self.max_files = max_files
         self.error: StorageError | None = None
+        self.nfiles = 0  # pfcon's nfiles, once finish() returned
+        self._made = False  # the staging dir exists (made on the first bytes)
         self._unpacker = ZipStreamUnpacker(self.staging, self.spool, max_files=max_files,
                                            max_bytes=max_bytes)
-        self.staging.mkdir(parents=True)
-        self.staging.chmod(0o755)  # becomes incoming/: the plugin user must read it
-        spool_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def has_links(self) -> bool:
+        return self._unpacker.has_links
+
+    @property
+    def leaves_files(self) -> bool:
+        """Whether :meth:`discard` has anything to remove."""
+        return self._made or self._unpacker.spool_file_made
 
     def feed(self, chunks: Iterable[bytes]) -> None:
         if self.error is not None:
             return
         try:
+            if not self._made:
+                self._make_staging()
             self._unpacker.feed(chunks)
         except StorageError as exc:
             self.error = exc
             self._unpacker.close()
 
+    def _make_staging(self) -> None:
+        try:
+            os.mkdir(self.staging)
+        except FileNotFoundError:  # the staging root was removed under a running controller
+            self.staging.mkdir(parents=True)
+        self._made = True
+        self.staging.chmod(0o755)  # becomes incoming/: the plugin user must read it
+
     def finish(self) -> None:
         """Raise the refusal met while streaming, or check and complete the unpack."""
         if self.error is not None:
             raise self.error
-        self._unpacker.finish()
+        if not self._made:
+            self._make_staging()  # an empty part: the unpacker says what is wrong with it
+        self.nfiles = self._unpacker.finish()
+
+    def moved(self) -> None:
+        """The staging dir became ``incoming``: nothing is left to discard."""
+        self._made = False
 
     def discard(self) -> None:
         """Remove what is left of the upload (nothing after a successful stage)."""
         self._unpacker.close()
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.spool.unlink(missing_ok=True)
+        if self._made:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self._made = False
+        if self._unpacker.spool_file_made:
+            self.spool.unlink(missing_ok=True)
 
 
 def stage_zip_inputs(storebase: Path, jid: str, upload: ZipUpload) -> dict[str, Any]:
@@ -81,19 +108,25 @@ def stage_zip_inputs(storebase: Path, jid: str, upload: ZipUpload) -> dict[str, 
     """
     upload.finish()
     staging = upload.staging
-    try:
-        expand_links(staging, max_entries=upload.max_files)
-    except LinkError as exc:
-        raise StorageError(str(exc), field="data_file", status=exc.status) from None
-    nfiles = count_files(staging)
+    nfiles = upload.nfiles
+    if upload.has_links:
+        try:
+            expand_links(staging, max_entries=upload.max_files)
+        except LinkError as exc:
+            raise StorageError(str(exc), field="data_file", status=exc.status) from None
+        nfiles = count_files(staging)
     key = key_dir(storebase, jid)
-    created_key = not key.exists()
     try:
-        key.mkdir(parents=True, exist_ok=True)
+        os.mkdir(key)
+        created_key = True
+    except FileExistsError:
+        created_key = False
+    try:
         incoming = key / "incoming"
-        if incoming.is_dir() and not incoming.is_symlink():
+        if not created_key and incoming.is_dir() and not incoming.is_symlink():
             shutil.rmtree(incoming)  # a re-run replaces the inputs of the failed attempt
         os.replace(staging, incoming)
+        upload.moved()
         outgoing = key / "outgoing"
         outgoing.mkdir(exist_ok=True)
         # world-writable as pfcon makes it for swift: a plugin run as another uid

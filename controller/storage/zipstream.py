@@ -32,8 +32,10 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from controller.storage import unzip
+from controller.storage.tailspool import TailSpool
 
 __all__ = ["ZipStreamUnpacker", "unpack_zip"]
 
@@ -91,9 +93,9 @@ class ZipStreamUnpacker:
         self._head = bytearray()  # a local header being assembled
         self._head_at = 0
         self._entry: _Entry | None = None
-        self._spool_fd: int | None = None
-        self._spool_from: int | None = None  # from here on, bytes go to the spool
+        self._spool: TailSpool | None = None  # from its start on, bytes go to the spool
         self._streamed: dict[int, _Streamed] = {}
+        self.has_links = False  # set by finish(): a ``*.chrislink`` file was unpacked
         self._entries = 0
         self._declared = 0
         self._written = 0
@@ -104,7 +106,7 @@ class ZipStreamUnpacker:
         for chunk in chunks:
             view = memoryview(chunk)
             while view:
-                if self._spool_from is not None:
+                if self._spool is not None:
                     self._to_spool(view)
                     break
                 if self._entry is not None:
@@ -240,23 +242,19 @@ class ZipStreamUnpacker:
     def _start_spool(self, at: int | None = None, head: bytes | bytearray | None = None) -> None:
         if at is None:
             at, head = self._head_at, self._head
-        self._spool_from = at
-        self._spool_fd = os.open(self.spool, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-                                 | os.O_CLOEXEC, 0o600)
+        self._spool = TailSpool(self.spool, at)
         self._head = bytearray()
         if head:
-            self._pwrite(memoryview(bytes(head)), at)
+            self._append(bytes(head))
 
     def _to_spool(self, view: memoryview) -> None:
-        self._pwrite(view, self._offset)
+        self._append(view)
         self._offset += len(view)
 
-    def _pwrite(self, view: memoryview, at: int) -> None:
-        assert self._spool_fd is not None
+    def _append(self, data: bytes | memoryview) -> None:
+        assert self._spool is not None
         with unzip.os_errors("(spool)"):
-            while view:
-                n = os.pwrite(self._spool_fd, view, at)
-                view, at = view[n:], at + n
+            self._spool.append(data)
 
     # ------------------------------------------------------------------ the end
 
@@ -264,13 +262,19 @@ class ZipStreamUnpacker:
         """Check everything against the central directory and extract what was
         spooled; returns the number of regular files (pfcon's ``nfiles``, without
         ``*.chrislink`` files)."""
-        if self._entry is not None or self._head or self._spool_fd is None:
+        spool = self._spool
+        if self._entry is not None or self._head or spool is None:
             raise unzip.bad_zip()  # the upload ended inside an entry, or before the end
-        self.close()
+        with spool.reader() as tail:
+            return self._check_and_extract(tail)
+
+    def _check_and_extract(self, tail: BinaryIO) -> int:
         try:
-            zf = zipfile.ZipFile(self.spool)
+            zf = zipfile.ZipFile(tail)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError):
             raise unzip.bad_zip() from None
+        assert self._spool is not None
+        spool = self._spool
         with zf:
             entries = unzip.plan(zf.infolist(), self.max_files, self.max_bytes)
             streamed = self._streamed
@@ -279,7 +283,7 @@ class ZipStreamUnpacker:
                 offset = entry.info.header_offset
                 meta = streamed.pop(offset, None)
                 if meta is None:
-                    if self._spool_from is None or offset < self._spool_from:
+                    if offset < spool.start:
                         raise unzip.corrupt(entry.info.filename)
                     rest.append(entry)
                     continue
@@ -293,16 +297,21 @@ class ZipStreamUnpacker:
                                     "central directory)")
             unzip.extract_rest(zf, rest, self.dest, self.max_bytes - self._written)
         files = {e.parts for e in entries if not e.is_dir}
-        return sum(1 for parts in files if not parts[-1].endswith(unzip.LINK_SUFFIX))
+        links = sum(1 for parts in files if parts[-1].endswith(unzip.LINK_SUFFIX))
+        self.has_links = links > 0
+        return len(files) - links
+
+    @property
+    def spool_file_made(self) -> bool:
+        return self._spool is not None and self._spool.in_file
 
     def close(self) -> None:
         """Release open files (idempotent); the caller removes ``dest`` and the spool."""
         if self._entry is not None and self._entry.fd is not None:
             os.close(self._entry.fd)
             self._entry.fd = None
-        if self._spool_fd is not None:
-            os.close(self._spool_fd)
-            self._spool_fd = None
+        if self._spool is not None:
+            self._spool.close()
 
 
 def _create(path: Path, name: str) -> int:

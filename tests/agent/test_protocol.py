@@ -17,6 +17,7 @@ def test_every_message_round_trips() -> None:
         p.Event(seq=3, job="j", attempt=2, state="exited", exit_code=0, logs="x\n"),
         p.Ack(seq=3), p.Inventory(jobs=[p.JobRef("j", 2, "n", "running")]), p.Run(spec=spec),
         p.Cancel(job="j", attempt=2), p.Remove(job="j", attempt=2, name="n"),
+        p.Remove(job="j", attempt=2, name="n", request="r"), p.RemoveReply(request="r"),
         p.LogsRequest(request="r", job="j", attempt=2, tail=10), p.LogsReply(request="r", logs=""),
     ]
     for message in messages:

@@ -197,6 +197,8 @@ class SimAgent:
             elif isinstance(message, p.LogsRequest):
                 self.counts["logs"] += 1
                 await self.send_text(p.encode(p.LogsReply(request=message.request, logs="")))
+            elif isinstance(message, p.Remove) and message.request:
+                await self.send_text(p.encode(p.RemoveReply(request=message.request)))
             else:
                 self.counts["other"] += 1
 

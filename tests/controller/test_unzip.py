@@ -374,6 +374,14 @@ def test_data_descriptors_are_extracted_from_the_spool(tmp_path: Path) -> None:
     assert nothing_outside_dest(tmp_path)
 
 
+def test_spooled_entries_larger_than_the_memory_tail(tmp_path: Path) -> None:
+    # 3 MiB of incompressible data behind data descriptors: spooled to a file
+    payload = os.urandom(3 * MiB)
+    nfiles, dest = unpack(tmp_path, make_unseekable_zip([("r.bin", payload)]))
+    assert (nfiles, (dest / "r.bin").read_bytes() == payload) == (1, True)
+    assert nothing_outside_dest(tmp_path)  # the spool file is gone
+
+
 def test_streams_until_an_entry_it_cannot_then_spools_the_rest(tmp_path: Path) -> None:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:

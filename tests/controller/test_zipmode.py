@@ -21,6 +21,7 @@ def zip_of(entries: dict[str, bytes]) -> bytes:
 
 
 def new_upload(tmp_path: Path, **limits: int) -> ZipUpload:
+    prepare_upload_dirs(tmp_path / "sb", tmp_path / "spool")  # as the controller's start
     return ZipUpload(tmp_path / "sb", tmp_path / "spool",
                      **{"max_files": 100, "max_bytes": 1 << 20, **limits})
 
@@ -35,6 +36,7 @@ def test_stage_moves_the_upload_to_incoming(tmp_path: Path) -> None:
     key = tmp_path / "sb" / "key-j1"
     assert (key / "incoming" / "d" / "b.txt").read_bytes() == b"B"
     assert (key / "outgoing").stat().st_mode & 0o777 == 0o777
+    assert not upload.leaves_files  # the central directory stayed in memory
     upload.discard()  # nothing left to remove, and no error
     assert list((tmp_path / "sb" / STAGING_DIR).iterdir()) == []
     assert list((tmp_path / "spool").iterdir()) == []

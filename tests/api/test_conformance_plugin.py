@@ -14,7 +14,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 import requests
+from yarl import URL
 
+from controller.storage.zipmode import STAGING_DIR
 from tests.api.conformance_support import (
     BAD_REQUEST_GENERIC,
     COMPUTE_KEYS,
@@ -328,6 +330,40 @@ async def test_zip_refused_early_still_answers_after_the_whole_body(harness: Har
     assert await asyncio.to_thread(send) == (
         400, {"message": "data_file: entry '../evil' contains '..'"})
     assert leftovers(harness, "early-1") == []
+
+
+async def test_client_gone_mid_upload_leaves_nothing(harness: Harness) -> None:
+    # Half of a multipart body (its zip entry half written), then the client vanishes.
+    url = URL(harness.base + "pluginjobs/")
+    boundary = "pfleetboundary"
+    head = "".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'
+                   f"{v}\r\n" for k, v in plugin_fields("gone-1"))
+    zipped = make_zip_infos([(zipfile.ZipInfo("big.bin"), os.urandom(4 << 20))])
+    body = (head + f'--{boundary}\r\nContent-Disposition: form-data; name="data_file"; '
+            'filename="data_file"\r\nContent-Type: application/zip\r\n\r\n').encode()
+    body += zipped + f"\r\n--{boundary}--\r\n".encode()
+    request = (f"POST {url.raw_path} HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
+               f"Authorization: {harness.headers()['Authorization']}\r\n"
+               f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode()
+    _reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(request + body[:len(body) // 2])
+    await writer.drain()
+    staging = harness.config.storebase_mount / STAGING_DIR
+    for _ in range(250):  # the upload has begun
+        if any(staging.iterdir()):
+            break
+        await asyncio.sleep(0.02)
+    assert any(staging.iterdir())
+    writer.close()
+    await writer.wait_closed()
+    for _ in range(250):
+        if not leftovers(harness, "gone-1"):
+            break
+        await asyncio.sleep(0.02)
+    assert leftovers(harness, "gone-1") == []
+    async with aiohttp.ClientSession(headers=harness.headers()) as s:
+        assert (await get_status(s, harness, "gone-1"))[0] == 404
 
 
 async def test_limits_are_413_and_leave_nothing(tmp_path: Path) -> None:

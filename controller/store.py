@@ -14,6 +14,7 @@ page cache); only a machine crash can lose the last commits.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import sqlite3
 import time
@@ -78,6 +79,7 @@ CREATE TABLE IF NOT EXISTS agent_tokens (
 );
 """
 
+LIVE_CACHE_MAX = 100_000  # cached live rows before the cache starts over
 _JOB_COLUMNS = ("id", "seq", "name", "jid", "kind", "state", "attempt", "agent", "spec",
                 "image", "cmd", "message", "started_at", "finished_at", "exit_code", "logs",
                 "created_at", "updated_at", "removed")
@@ -137,6 +139,12 @@ class Store:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pfleet-store")
         self._db: sqlite3.Connection | None = None
         self._next_seq = 0
+        # Live rows by name, as last read on the store thread: a status GET that hits
+        # needs no hop to it.  Every write of a job forgets its row (on the store
+        # thread, before the write's caller resumes), so a read after a write that
+        # completed never sees the row from before it.
+        self._live: dict[str, JobRow] = {}
+        self._live_names: dict[str, str] = {}  # job id -> its name in _live
 
     # ------------------------------------------------------------------ plumbing
 
@@ -178,6 +186,7 @@ class Store:
         return await self._run(self._insert_job, job)
 
     def _insert_job(self, job: JobRow) -> JobRow:
+        self._live.pop(job.name, None)
         now = time.time()
         job.seq, job.created_at, job.updated_at = self._next_seq, now, now
         self._next_seq += 1
@@ -206,12 +215,29 @@ class Store:
 
     async def get_live(self, name: str) -> JobRow | None:
         """The job a client can see under this runtime name (not removed)."""
+        cached = self._live.get(name)
+        if cached is not None:
+            return copy.copy(cached)
         return await self._run(self._get_live, name)
 
     def _get_live(self, name: str) -> JobRow | None:
         row = self.db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs "
                               "WHERE name = ? AND removed = 0", (name,)).fetchone()
-        return JobRow.from_row(row) if row else None
+        if not row:
+            return None
+        job = JobRow.from_row(row)
+        if len(self._live) >= LIVE_CACHE_MAX:
+            self._live.clear()
+            self._live_names.clear()
+        self._live[name] = job
+        self._live_names[job.id] = name
+        return copy.copy(job)
+
+    def _forget(self, job_id: str) -> None:
+        """A job row is about to change: drop its cached copy (store thread only)."""
+        name = self._live_names.pop(job_id, None)
+        if name is not None:
+            self._live.pop(name, None)
 
     async def get_live_many(self, names: Iterable[str]) -> dict[str, JobRow]:
         names = list(names)
@@ -237,6 +263,7 @@ class Store:
         return await self._run(self._restart_job, job_id, spec, image, cmd)
 
     def _restart_job(self, job_id: str, spec: dict[str, Any], image: str, cmd: str) -> JobRow:
+        self._forget(job_id)
         now = time.time()
         seq = self._next_seq
         self._next_seq += 1
@@ -259,6 +286,7 @@ class Store:
         return await self._run(self._assign, job_id, attempt, agent)
 
     def _assign(self, job_id: str, attempt: int, agent: str) -> bool:
+        self._forget(job_id)
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             cur = self.db.execute(
@@ -276,6 +304,7 @@ class Store:
         return await self._run(self._requeue, job_id, attempt, message)
 
     def _requeue(self, job_id: str, attempt: int, message: str) -> bool:
+        self._forget(job_id)
         cur = self.db.execute(
             "UPDATE jobs SET state = ?, agent = NULL, message = ?, updated_at = ? "
             "WHERE id = ? AND attempt = ? AND state = ?",
@@ -293,6 +322,7 @@ class Store:
 
     def _apply_event(self, job_id: str, attempt: int, state: State,
                      values: dict[str, Any]) -> JobRow | None:
+        self._forget(job_id)
         allowed = {"message", "started_at", "finished_at", "exit_code", "logs"}
         assert set(values) <= allowed, values
         sets = ", ".join(f"{k} = ?" for k in values)
@@ -312,6 +342,7 @@ class Store:
         await self._run(self._set_logs, job_id, attempt, logs)
 
     def _set_logs(self, job_id: str, attempt: int, logs: str) -> None:
+        self._forget(job_id)
         self.db.execute("UPDATE jobs SET logs = ? WHERE id = ? AND attempt = ?",
                         (logs, job_id, attempt))
 
@@ -320,6 +351,7 @@ class Store:
         return await self._run(self._mark_removed, job_id, message)
 
     def _mark_removed(self, job_id: str, message: str) -> JobRow | None:
+        self._forget(job_id)
         active = tuple(s.value for s in ACTIVE)
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")

@@ -62,3 +62,48 @@ async def test_state_survives_reopening_and_usage_counts_active_jobs(tmp_path: P
         assert (await store.insert_job(JobRow(**{**job("a").__dict__, "id": "id-a2"}))).name == "a"
     finally:
         await store.close()
+
+
+async def test_get_live_reflects_every_write_that_completed(tmp_path: Path) -> None:
+    # get_live answers from a cache of rows; each write must show in the next read.
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+
+    async def live() -> tuple[State, int, str | None, str, str] | None:
+        row = await store.get_live("a")
+        return None if row is None else (row.state, row.attempt, row.agent, row.message,
+                                         row.logs)
+
+    try:
+        assert await live() is None
+        j = await store.insert_job(job("a"))
+        assert await live() == (State.QUEUED, 1, None, "queued", "")
+        assert await live() == (State.QUEUED, 1, None, "queued", "")  # a cached read
+        assert await store.assign(j.id, 1, "h1")
+        assert await live() == (State.ASSIGNED, 1, "h1", "created", "")
+        assert await store.requeue(j.id, 1, "agent busy")
+        assert await live() == (State.QUEUED, 1, None, "agent busy", "")
+        assert await store.assign(j.id, 1, "h2")
+        await live()
+        assert await store.apply_event(j.id, 1, State.RUNNING, message="running")
+        assert await live() == (State.RUNNING, 1, "h2", "running", "")
+        await store.set_logs(j.id, 1, "some output")
+        assert await live() == (State.RUNNING, 1, "h2", "running", "some output")
+        await store.apply_event(j.id, 1, State.EXECUTOR_ERROR, message="exited 1", exit_code=1)
+        assert await live() == (State.EXECUTOR_ERROR, 1, "h2", "exited 1", "some output")
+        await store.restart_job(j.id, j.spec, "i", "c")
+        assert await live() == (State.QUEUED, 2, None, "queued", "")
+        (await store.get_live("a")).message = "changed by a caller"  # type: ignore[union-attr]
+        assert (await live() or ())[3] == "queued"  # callers get copies
+        await store.mark_removed(j.id)
+        assert await live() is None
+        again = await store.insert_job(_renamed("a"))  # the name is free again
+        assert again.id != j.id and await live() == (State.QUEUED, 1, None, "queued", "")
+    finally:
+        await store.close()
+
+
+def _renamed(name: str) -> JobRow:
+    row = job(name)
+    row.id = f"id-{name}-2"
+    return row

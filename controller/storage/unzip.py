@@ -81,6 +81,8 @@ def check_name(name: str) -> tuple[tuple[str, ...], bool] | None:
     (``./``); raises for names that escape the destination."""
     # Windows tools sometimes write backslashes; treat them as separators so that
     # '..\\x' cannot slip past the checks below
+    if "\0" in name:
+        raise _refuse(name, "has a NUL character in its name")
     norm = name.replace("\\", "/")
     if norm.startswith("/") or (len(norm) >= 2 and norm[1] == ":" and norm[0].isalpha()):
         raise _refuse(name, "has an absolute path")

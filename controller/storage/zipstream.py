@@ -61,6 +61,7 @@ class _Streamed:
     csize: int
     usize: int
     parts: tuple[str, ...]
+    is_dir: bool = False
 
     def matches(self, info: zipfile.ZipInfo) -> bool:
         return (self.name, self.method, self.crc, self.csize, self.usize) == (
@@ -167,7 +168,7 @@ class ZipStreamUnpacker:
             self._declared += usize
             if self._declared > self.max_bytes:
                 raise unzip.too_big(self.max_bytes)
-        meta = _Streamed(name, method, crc, csize, usize, parts)
+        meta = _Streamed(name, method, crc, csize, usize, parts, is_dir)
         with unzip.os_errors(name):
             if is_dir:
                 unzip.mkdirs(self.dest, parts)
@@ -289,6 +290,8 @@ class ZipStreamUnpacker:
                     continue
                 if not meta.matches(entry.info) or meta.parts != entry.parts:
                     raise unzip.corrupt(entry.info.filename)
+                if entry.is_dir and not meta.is_dir:  # a directory by its mode bits only
+                    self._file_to_dir(entry)
                 if entry.owner_exec:
                     os.chmod(self.dest.joinpath(*entry.parts), 0o755)
             if streamed:
@@ -300,6 +303,15 @@ class ZipStreamUnpacker:
         links = sum(1 for parts in files if parts[-1].endswith(unzip.LINK_SUFFIX))
         self.has_links = links > 0
         return len(files) - links
+
+    def _file_to_dir(self, entry: unzip.Entry) -> None:
+        """Make the empty file streamed for ``entry`` the directory its mode says."""
+        path = self.dest.joinpath(*entry.parts)
+        with unzip.os_errors(entry.info.filename):
+            if os.lstat(path).st_size or entry.info.file_size:
+                raise unzip.conflict(entry.info.filename)
+            path.unlink()
+            unzip.mkdirs(self.dest, entry.parts)
 
     @property
     def spool_file_made(self) -> bool:

@@ -432,6 +432,23 @@ def test_entries_outside_the_central_directory_are_refused(tmp_path: Path) -> No
                         "directory)")
 
 
+def test_a_nul_in_a_name_is_refused(tmp_path: Path) -> None:
+    data = make_zip([("a.txt", b"x")])
+    data = data.replace(b"a.txt", b"a\0txt")  # in the local header and the directory
+    err = refused(tmp_path, data)
+    assert (str(err), err.status) == (
+        "data_file: entry 'a\\x00txt' has a NUL character in its name", 400)
+
+
+def test_a_directory_by_its_mode_only(tmp_path: Path) -> None:
+    # no trailing '/', only S_IFDIR in the central directory: streamed as an empty file,
+    # then made the directory it is
+    nfiles, dest = unpack(tmp_path, make_zip([(info("d", stat.S_IFDIR | 0o755), b""),
+                                             ("f.txt", b"f")]))
+    assert nfiles == 1
+    assert (dest / "d").is_dir()
+
+
 def test_upload_ending_inside_an_entry_is_a_bad_zip(tmp_path: Path) -> None:
     data = make_zip([("a.bin", os.urandom(50_000))])
     err = refused(tmp_path, data[:20_000])

@@ -107,7 +107,10 @@ class _Expansion:
             if _is_real_dir(path):
                 shutil.rmtree(path)
         # links skipped inside a source that is kept (its top folder is itself a
-        # target) would otherwise reach the plugin; no link ever survives expansion
+        # target) would otherwise reach the plugin; no link ever survives expansion.
+        # Without a source, the walk met every link and removed it: no second walk.
+        if not self.sources:
+            return
         for rel, path in iter_files(self.root, skip_links=False):
             if rel.endswith(LINK_SUFFIX):
                 path.unlink()

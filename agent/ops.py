@@ -184,6 +184,7 @@ def copy_inputs(op: dict[str, Any], storebase: Path) -> str:
         except swift.SwiftOpError as exc:
             raise OpError(str(exc)) from None
         text = f"copied {count} files from {len(input_dirs)} input dirs\n"
+        may_hold_links = True  # swift's fetch does not say: its tree is always walked
     else:
         try:
             stats = fetch_inputs(storebase, input_dirs, output_dir, incoming,
@@ -196,10 +197,13 @@ def copy_inputs(op: dict[str, Any], storebase: Path) -> str:
             text += f"followed {stats.links} ChRIS links\n"
         if stats.skipped:
             text += f"skipped {stats.skipped} symbolic links and special files\n"
-    try:
-        expand_links(incoming, field="")
-    except LinkError as exc:
-        raise OpError(str(exc)) from None
+        # a fetch that met no link file copied none: no walk of the whole tree for nothing
+        may_hold_links = stats.links > 0
+    if may_hold_links:
+        try:
+            expand_links(incoming, field="")
+        except LinkError as exc:
+            raise OpError(str(exc)) from None
     _ensure_outgoing(key)
     log.info("copy done key=%s storage=%s %s", key_name, storage, text.strip().replace("\n", "; "))
     return text

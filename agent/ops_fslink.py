@@ -23,17 +23,26 @@ Safety (link files and the tree are client data):
   copy into itself;
 * a visited set of targets stops link loops.
 
-Files are copied by a small thread pool with the kernel's in-kernel copy
-(``copy_file_range``, then ``sendfile``), in batches of one destination directory
-(a hand-off per file costs more than copying a small file).  ``incoming`` is new
-and private to the job, so each file is written at its final name and removed if
-its copy fails.  Modes are 0644 for files and 0755 for dirs.
+Files are copied where the walk meets them, in the walking thread, when their data is
+already in the page cache (a read that must not wait, ``RWF_NOWAIT``, says so): on a
+warm cache a copy is a few system calls per file and no hand-off.  Files whose data
+is not cached, and large ones, go to a small thread pool in batches of one
+destination directory (a hand-off per file costs more than copying a small file);
+the walker asks the kernel to start reading the small ones at once
+(``POSIX_FADV_WILLNEED``), so the disk sees many reads in flight, as with more
+threads, and the copiers find the data arriving.  The pool uses the kernel's
+in-kernel copy (``copy_file_range``, then ``sendfile``).  ``incoming`` is new and
+private to the job, so each file is written at its final name and removed if its
+copy fails; nothing is synced (as ``cp``: durability is the storage's business and
+the plugin reads the page cache).  Modes are 0644 for files and 0755 for dirs.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
+import operator
 import os
 import stat
 import threading
@@ -45,13 +54,20 @@ from agent.chrislinks import LINK_SUFFIX, link_target_parts
 
 __all__ = ["DEFAULT_WORKERS", "CopyError", "CopyStats", "fetch_inputs"]
 
-DEFAULT_WORKERS = 4  # a copy is mostly kernel time: a few threads keep the disk busy
-MAX_IN_FLIGHT = 16  # batches queued ahead of the copiers (bounds the walker's lead)
+DEFAULT_WORKERS = 4  # uncached copies wait on the disk: a few threads keep it busy
+MAX_IN_FLIGHT = 8  # batches queued ahead of the copiers (bounds the walker's lead)
 BATCH_FILES = 128  # files handed to a copier at once (per-file hand-offs cost more than a copy)
+BATCH_PREFETCH = 4 << 20  # bytes a batch asks the kernel to read ahead (bounds the page cache
+# the walker fills ahead of the copiers: MAX_IN_FLIGHT batches of this)
+INLINE_MAX = 256 << 10  # larger files always go to the pool (copy_file_range, no user copy)
 MAX_LINK_SIZE = 4096
 _CHUNK = 1 << 30
 _OPEN_SRC = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_DST = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
+_NOWAIT_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
+_BY_NAME = operator.attrgetter("name")
 
 Parts = tuple[str, ...]
 
@@ -77,6 +93,7 @@ def fetch_inputs(storebase: Path, input_dirs: list[Parts], output_dir: Parts, in
     be empty.  Raises :class:`CopyError`.  Blocking.
     """
     fetch = _Fetch(storebase, output_dir, incoming, exclude)
+    # threads start on the first batch only: a warm copy never starts one
     with ThreadPoolExecutor(max_workers=max(1, workers),
                             thread_name_prefix="pfleet-copy") as pool:
         fetch.pool = pool
@@ -84,9 +101,14 @@ def fetch_inputs(storebase: Path, input_dirs: list[Parts], output_dir: Parts, in
             for prefix in input_dirs:
                 fetch.collect(prefix)
                 fetch.drain()  # so a later input dir's copy of a path wins, as in pfcon
+        except BaseException:
+            fetch.stopping = True  # queued batches need not be copied any more
+            raise
         finally:
             fetch.drain()
     fetch.raise_failure()
+    fetch.stats.files += fetch.pooled[0]
+    fetch.stats.bytes += fetch.pooled[1]
     return fetch.stats
 
 
@@ -110,7 +132,9 @@ class _Fetch:
         self.output_dir = output_dir
         self.incoming = os.fspath(incoming)
         self.exclude = exclude
-        self.stats = CopyStats()
+        self.stats = CopyStats()  # the walking thread's; the pool counts in ``pooled``
+        self.pooled = [0, 0]  # files, bytes copied by the pool (under _lock)
+        self.stopping = False
         self.pool: ThreadPoolExecutor | None = None
         self._dirs: set[Parts] = {()}
         self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
@@ -118,8 +142,12 @@ class _Fetch:
         self._failures: list[str] = []
         self._pending: set[Future[None]] = set()
         self._batch: list[tuple[str, str, Parts]] = []  # (source path, name, storage path)
-        self._batch_dir: Parts = ()
+        self._batch_dir = ""
+        self._batch_prefetch = 0
         self._umask = _current_umask()
+        self._inline = bool(_RWF_NOWAIT)  # off when the filesystem refuses RWF_NOWAIT
+        self._buf = bytearray(INLINE_MAX) if self._inline else bytearray()
+        self._view = memoryview(self._buf)
 
     # ----------------------------------------------------------- collecting
 
@@ -151,20 +179,27 @@ class _Fetch:
                 continue
             try:
                 with os.scandir(os.path.join(self.root, *current)) as it:
-                    entries = sorted(it, key=lambda e: e.name)
+                    entries = sorted(it, key=_BY_NAME)
             except OSError as exc:
                 raise CopyError(f"cannot read input directory {_show(current)!r}: "
                                 f"{exc.strerror or exc}") from None
+            # a file lands at its storage path less the input dir, when it is inside it
+            dest = current[len(prefix):] if current[:len(prefix)] == prefix else current
+            dst_dir: str | None = None  # created with the first file (no empty dirs)
             subdirs: list[Parts] = []
             for entry in entries:
-                rel = (*current, entry.name)
+                name = entry.name
                 try:
-                    if entry.is_symlink():
-                        self._symlink(rel)
+                    if entry.is_file(follow_symlinks=False):
+                        if name.endswith(LINK_SUFFIX):
+                            self._link((*current, name), queue)
+                        if dst_dir is None:
+                            dst_dir = self._ensure_dir(dest)
+                        self._file(entry.path, dst_dir, name, current)
                     elif entry.is_dir(follow_symlinks=False):
-                        subdirs.append(rel)
-                    elif entry.is_file(follow_symlinks=False):
-                        self._take(rel, prefix, queue)
+                        subdirs.append((*current, name))
+                    elif entry.is_symlink():
+                        self._symlink((*current, name))
                     else:
                         self.stats.skipped += 1  # fifo, socket, device
                 except FileNotFoundError:
@@ -202,18 +237,24 @@ class _Fetch:
 
     def _take(self, rel: Parts, prefix: Parts,
               queue: collections.deque[tuple[Parts, Parts | None]]) -> None:
+        """One file reached by a link to it (files met in a walk go to :meth:`_file`)."""
         dest = rel[len(prefix):] if prefix and rel[:len(prefix)] == prefix else rel
         if not dest:
             return
         if rel[-1].endswith(LINK_SUFFIX):
-            target = self._read_link(rel)
-            if self.output_dir[:len(target)] == target:
-                raise CopyError(
-                    f"ChRIS link {_show(rel)!r} points to {_show(target)!r}, which is the "
-                    f"job's output dir or one of its ancestors ({_show(self.output_dir)!r})")
-            self.stats.links += 1
-            queue.append((target, rel))
-        self._submit(rel, dest)
+            self._link(rel, queue)
+        self._file(os.path.join(self.root, *rel), self._ensure_dir(dest[:-1]), dest[-1],
+                   rel[:-1])
+
+    def _link(self, rel: Parts, queue: collections.deque[tuple[Parts, Parts | None]]) -> None:
+        """A ChRIS link file: check its target and queue it (the file is copied too)."""
+        target = self._read_link(rel)
+        if self.output_dir[:len(target)] == target:
+            raise CopyError(
+                f"ChRIS link {_show(rel)!r} points to {_show(target)!r}, which is the "
+                f"job's output dir or one of its ancestors ({_show(self.output_dir)!r})")
+        self.stats.links += 1
+        queue.append((target, rel))
 
     def _read_link(self, rel: Parts) -> Parts:
         try:
@@ -239,16 +280,63 @@ class _Fetch:
 
     # -------------------------------------------------------------- copying
 
-    def _submit(self, rel: Parts, dest: Parts) -> None:
-        """Queue one file; files of one destination directory travel as one batch."""
-        dst_dir = dest[:-1]
-        if self._batch and (self._batch_dir != dst_dir or len(self._batch) >= BATCH_FILES):
+    def _file(self, src: str, dst_dir: str, name: str, parent: Parts) -> None:
+        """Copy one file here when its data is cached, else queue it for the pool."""
+        if self._inline:
+            try:
+                size = self._copy_cached(src, dst_dir, name)
+            except OSError as exc:
+                raise CopyError(f"cannot copy {_show((*parent, name))!r}: "
+                                f"{exc.strerror or exc}") from None
+            if size is not None:
+                if size >= 0 and not name.endswith(LINK_SUFFIX):
+                    self.stats.files += 1
+                    self.stats.bytes += size
+                return
+        if self._batch and (self._batch_dir != dst_dir or len(self._batch) >= BATCH_FILES
+                            or self._batch_prefetch >= BATCH_PREFETCH):
             self.flush()
         if not self._batch:
             self.raise_failure()
-            self._ensure_dir(dst_dir)
             self._batch_dir = dst_dir
-        self._batch.append((os.path.join(self.root, *rel), dest[-1], rel))
+        self._batch.append((src, name, (*parent, name)))
+
+    def _copy_cached(self, src: str, dst_dir: str, name: str) -> int | None:
+        """Copy a small file whose data is all in the page cache through one buffer.
+
+        Returns its size, -1 if it vanished or is not a regular file, None when it
+        is large or not (all) cached: the pool copies it then, and a small one is
+        already being read ahead for it.
+        """
+        try:
+            sfd = os.open(src, _OPEN_SRC)
+        except FileNotFoundError:
+            return -1
+        try:
+            st = os.fstat(sfd)
+            if not stat.S_ISREG(st.st_mode):
+                return -1
+            size = st.st_size
+            if size > INLINE_MAX:
+                return None
+            try:
+                got = os.preadv(sfd, [self._buf], 0, _RWF_NOWAIT)
+            except BlockingIOError:
+                got = -1
+            except OSError as exc:
+                if exc.errno not in _NOWAIT_UNSUPPORTED:
+                    raise
+                self._inline = False  # this filesystem cannot say: the pool copies all
+                return None
+            if got < size or (got > 0 and size == 0):  # not cached, or a pseudo-file
+                if _WILLNEED is not None and size:
+                    with contextlib.suppress(OSError):
+                        os.posix_fadvise(sfd, 0, size, _WILLNEED)
+                    self._batch_prefetch += size
+                return None
+            return self._store(dst_dir, name, self._view[:size], -1, size)
+        finally:
+            os.close(sfd)
 
     def flush(self) -> None:
         """Hand the current batch to the pool (blocks while MAX_IN_FLIGHT are queued)."""
@@ -256,9 +344,9 @@ class _Fetch:
             return
         assert self.pool is not None
         batch, self._batch = self._batch, []
-        dst_dir = os.path.join(self.incoming, *self._batch_dir)
+        self._batch_prefetch = 0
         self._slots.acquire()
-        future = self.pool.submit(self._copy_batch, dst_dir, batch)
+        future = self.pool.submit(self._copy_batch, self._batch_dir, batch)
         with self._lock:
             self._pending.add(future)
         future.add_done_callback(self._done)
@@ -280,7 +368,8 @@ class _Fetch:
             if self._failures:
                 raise CopyError(self._failures[0])
 
-    def _ensure_dir(self, parts: Parts) -> None:
+    def _ensure_dir(self, parts: Parts) -> str:
+        """Create ``incoming/<parts>`` (and its parents) once; return its path."""
         for i in range(1, len(parts) + 1):
             sub = parts[:i]
             if sub in self._dirs:
@@ -295,34 +384,30 @@ class _Fetch:
                     raise CopyError(f"input paths conflict at {_show(sub)!r}: both a file "
                                     "and a directory") from None
             self._dirs.add(sub)
+        return os.path.join(self.incoming, *parts)
 
     def _copy_batch(self, dst_dir: str, batch: list[tuple[str, str, Parts]]) -> None:
         """Copy the files of one batch; stop at the first failure and record it."""
         files = size = 0
         for src, name, rel in batch:
-            if self._failures:
-                break  # another batch failed: the job fails anyway
+            if self._failures or self.stopping:
+                break  # the job fails anyway
             try:
                 copied = self._copy(src, dst_dir, name)
             except OSError as exc:
                 with self._lock:
                     self._failures.append(f"cannot copy {_show(rel)!r}: {exc.strerror or exc}")
                 break
-            if copied >= 0 and not rel[-1].endswith(LINK_SUFFIX):
+            if copied >= 0 and not name.endswith(LINK_SUFFIX):
                 files += 1
                 size += copied
         with self._lock:
-            self.stats.files += files
-            self.stats.bytes += size
+            self.pooled[0] += files
+            self.pooled[1] += size
 
     def _copy(self, src: str, dst_dir: str, name: str) -> int:
-        """Copy one file; return its size, -1 if it vanished or is no longer regular.
-
-        ``incoming`` is fresh and private to this job, so the file is written at its
-        final name and removed again if the copy fails.  Two inputs that map to one
-        name (two input dirs holding the same path) replace each other whole, as
-        pfcon's copies do: the second goes through a temporary name and a rename.
-        """
+        """Copy one file in the kernel; return its size, -1 if it vanished or is no
+        longer regular."""
         try:
             sfd = os.open(src, _OPEN_SRC)
         except FileNotFoundError:
@@ -331,29 +416,44 @@ class _Fetch:
             st = os.fstat(sfd)
             if not stat.S_ISREG(st.st_mode):
                 return -1
-            final = os.path.join(dst_dir, name)
-            try:
-                dst = final
-                dfd = os.open(dst, _OPEN_DST, 0o644)
-            except FileExistsError:
-                dst = os.path.join(dst_dir, f".pfleet-{threading.get_ident()}.part")
-                dfd = os.open(dst, (_OPEN_DST & ~os.O_EXCL) | os.O_TRUNC, 0o644)
-            try:
-                try:
-                    size = _copy_fd(sfd, dfd, st.st_size)
-                    if self._umask & 0o644:
-                        os.fchmod(dfd, 0o644)
-                finally:
-                    os.close(dfd)
-                if dst != final:
-                    os.rename(dst, final)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(dst)
-                raise
-            return size
+            return self._store(dst_dir, name, None, sfd, st.st_size)
         finally:
             os.close(sfd)
+
+    def _store(self, dst_dir: str, name: str, data: memoryview | None, sfd: int,
+               size: int) -> int:
+        """Write ``data`` (or copy ``size`` bytes of ``sfd``) to ``dst_dir/name``.
+
+        ``incoming`` is fresh and private to this job, so the file is written at its
+        final name and removed again if the copy fails.  Two inputs that map to one
+        name (two input dirs holding the same path) replace each other whole, as
+        pfcon's copies do: the second goes through a temporary name and a rename.
+        """
+        final = os.path.join(dst_dir, name)
+        try:
+            dst = final
+            dfd = os.open(dst, _OPEN_DST, 0o644)
+        except FileExistsError:
+            dst = os.path.join(dst_dir, f".pfleet-{threading.get_ident()}.part")
+            dfd = os.open(dst, (_OPEN_DST & ~os.O_EXCL) | os.O_TRUNC, 0o644)
+        try:
+            try:
+                if data is None:
+                    size = _copy_fd(sfd, dfd, size)
+                else:
+                    while data:
+                        data = data[os.write(dfd, data):]
+                if self._umask & 0o644:
+                    os.fchmod(dfd, 0o644)
+            finally:
+                os.close(dfd)
+            if dst != final:
+                os.rename(dst, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(dst)
+            raise
+        return size
 
 
 def _copy_fd(src: int, dst: int, size: int) -> int:

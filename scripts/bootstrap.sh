@@ -2,6 +2,7 @@
 # Prepare this checkout for `make run|test|lint|bench`. Idempotent; a no-op (< 0.1 s) when
 # everything is already there.
 #   1. system packages (root on Debian): docker.io podman busybox-static iproute2 util-linux
+#      util-linux-extra (fincore, for the copy tests' page-cache checks)
 #      memcached (for the test suite's OpenStack Swift), slurm-wlm munge charliecloud-runtime
 #      (the SLURM agent's tests), debootstrap (the Ansible tests' host image)
 #      (+ python3/python3-venv when there is no usable Python 3.11 or no Debian python3.11,
@@ -27,15 +28,15 @@ python_ok() {
 
 # ---- 1. system packages -------------------------------------------------------------
 missing=()
-for cmd in dockerd podman ip nsenter memcached slurmctld munged ch-run debootstrap; do
+for cmd in dockerd podman ip nsenter fincore memcached slurmctld munged ch-run debootstrap; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
 done
 # The test images need a *static* busybox (the plain busybox package is dynamic).
 if [ ! -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then
     missing+=(busybox-static)
 fi
-packages=(docker.io podman busybox-static iproute2 util-linux memcached slurm-wlm munge
-          charliecloud-runtime debootstrap)
+packages=(docker.io podman busybox-static iproute2 util-linux util-linux-extra memcached
+          slurm-wlm munge charliecloud-runtime debootstrap)
 if [ ! -x /usr/bin/python3.11 ]; then
     missing+=(/usr/bin/python3.11)
     packages+=(python3)

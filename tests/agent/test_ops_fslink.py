@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,6 +207,56 @@ def test_the_same_path_in_two_input_dirs_is_copied_whole_once(sb: Path) -> None:
     assert text.splitlines()[0] == "copied 3 files (0.0 MiB) from 2 input dirs"
     assert tree(incoming) == {"same.txt", "other.txt"}
     assert (incoming / "same.txt").read_text() == "second"  # the later input dir wins
+
+
+def evict(*paths: Path) -> None:
+    """Write the files back and drop their data from the page cache."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cached(path: Path) -> bool:
+    """Whether any of the file is in the page cache (``fincore``: a read, even one
+    that must not wait, would start reading it in)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
+                          str(path)], capture_output=True, text=True, check=True,
+                         timeout=30).stdout  # fmt: skip
+    return int(out.strip()) > 0
+
+
+def test_files_not_in_the_page_cache_are_copied_too(sb: Path) -> None:
+    # cached ones are copied by the walking thread, the others by the pool
+    files = {f"{DATA}/d{d}/f{f}.txt": f"{d}-{f}-" * (f * 50 + 1) for d in range(3)
+             for f in range(40)}
+    layout(sb, {**files, f"{DATA}/empty.txt": ""})
+    evict(*(sb / rel for rel in list(files)[::2]))
+    assert not cached(sb / DATA / "d0" / "f0.txt")  # the test's premise
+    assert cached(sb / DATA / "d0" / "f1.txt")
+    text = run_op(copy_op(DATA), sb)
+    incoming = sb / "key-j1" / "incoming"
+    size = sum(len(v) for v in files.values())
+    assert text.splitlines()[0] == (f"copied 121 files ({size / (1 << 20):.1f} MiB) "
+                                    "from 1 input dirs")
+    assert tree(incoming) == {r[len(DATA) + 1:] for r in files} | {"empty.txt"}
+    for rel, content in files.items():
+        assert (incoming / rel[len(DATA) + 1:]).read_text() == content
+    assert (incoming / "empty.txt").read_bytes() == b""
+
+
+@pytest.mark.parametrize("evicted", ["d1", "d2"])
+def test_the_later_input_dir_wins_whichever_is_cached(sb: Path, evicted: str) -> None:
+    layout(sb, {"home/a/d1/same.txt": "first " * 1000, "home/a/d2/same.txt": "second"})
+    evict(sb / "home/a" / evicted / "same.txt")
+    assert not cached(sb / "home/a" / evicted / "same.txt")
+    run_op(copy_op("home/a/d1", "home/a/d2"), sb)
+    incoming = sb / "key-j1" / "incoming"
+    assert (incoming / "same.txt").read_text() == "second"
+    assert tree(incoming) == {"same.txt"}
 
 
 def test_the_jobs_own_key_dir_is_never_read(sb: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from controller.api.jsonfmt import dumps_indented
 from controller.auth import ClientTokenVerifier
 from controller.config import Config
 from controller.errors import ApiError
@@ -48,7 +49,7 @@ def public(handler: Handler) -> Handler:
 def json_body(config: Config, data: Any) -> str:
     """pfcon's JSON rendering: indented in dev mode, compact otherwise; newline-ended."""
     if config.dev:
-        return json.dumps(data, indent=4) + "\n"
+        return dumps_indented(data) + "\n"
     return json.dumps(data) + "\n"
 
 

@@ -308,15 +308,11 @@ class _Fetch:
         is large or not (all) cached: the pool copies it then, and a small one is
         already being read ahead for it.
         """
-        try:
-            sfd = os.open(src, _OPEN_SRC)
-        except FileNotFoundError:
+        opened = _open_regular(src)
+        if opened is None:
             return -1
+        sfd, size = opened
         try:
-            st = os.fstat(sfd)
-            if not stat.S_ISREG(st.st_mode):
-                return -1
-            size = st.st_size
             if size > INLINE_MAX:
                 return None
             try:
@@ -408,15 +404,12 @@ class _Fetch:
     def _copy(self, src: str, dst_dir: str, name: str) -> int:
         """Copy one file in the kernel; return its size, -1 if it vanished or is no
         longer regular."""
-        try:
-            sfd = os.open(src, _OPEN_SRC)
-        except FileNotFoundError:
+        opened = _open_regular(src)
+        if opened is None:
             return -1
+        sfd, size = opened
         try:
-            st = os.fstat(sfd)
-            if not stat.S_ISREG(st.st_mode):
-                return -1
-            return self._store(dst_dir, name, None, sfd, st.st_size)
+            return self._store(dst_dir, name, None, sfd, size)
         finally:
             os.close(sfd)
 
@@ -454,6 +447,24 @@ class _Fetch:
                 os.unlink(dst)
             raise
         return size
+
+
+def _open_regular(src: str) -> tuple[int, int] | None:
+    """An open descriptor of ``src`` and its size, or None when it vanished or is not
+    (any more) a regular file; the caller closes the descriptor."""
+    try:
+        fd = os.open(src, _OPEN_SRC)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return None
+    return fd, st.st_size
 
 
 def _copy_fd(src: int, dst: int, size: int) -> int:

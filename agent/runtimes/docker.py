@@ -205,7 +205,7 @@ class DockerRuntime(Runtime):
             return {}
         client = await self._client()
         if len(handles) <= DIRECT_INSPECT_MAX:
-            return await self._status_direct(client, handles)
+            return await self._status_direct(handles)
         rows = await self._call(client.api.containers, all=True, filters=self._filters)
         by_id = {str(row.get("Id")): row for row in rows}
         result: dict[str, JobStatus] = {}
@@ -222,7 +222,7 @@ class DockerRuntime(Runtime):
             else:
                 wanted.append((handle, cid, summary))
         answers = await asyncio.gather(
-            *(self._inspect(client, cid) for _, cid, _ in wanted), return_exceptions=True
+            *(self._inspect(cid) for _, cid, _ in wanted), return_exceptions=True
         )
         for (handle, cid, summary), attrs in zip(wanted, answers, strict=True):
             if isinstance(attrs, BaseException):
@@ -247,12 +247,10 @@ class DockerRuntime(Runtime):
         self._stopped.intersection_update(by_id)
         return result
 
-    async def _status_direct(
-        self, client: docker.DockerClient, handles: list[Handle]
-    ) -> dict[str, JobStatus]:
+    async def _status_direct(self, handles: list[Handle]) -> dict[str, JobStatus]:
         """Status of a few workloads (an engine event names one): one inspect each."""
         answers = await asyncio.gather(
-            *(self._inspect(client, _ref(h)) for h in handles), return_exceptions=True
+            *(self._inspect(_ref(h)) for h in handles), return_exceptions=True
         )
         result: dict[str, JobStatus] = {}
         for handle, attrs in zip(handles, answers, strict=True):
@@ -420,9 +418,9 @@ class DockerRuntime(Runtime):
             except docker.errors.APIError as exc:
                 text = short_error(str(exc.explanation or exc))
                 if is_name_conflict(exc.status_code, text):
-                    existing = await self._inspect(client, spec.name)
+                    existing = await self._inspect(spec.name)
                     if existing is not None:
-                        adopted = await self._adopt_or_clear(client, spec, existing)
+                        adopted = await self._adopt_or_clear(spec, existing)
                         if adopted is not None:
                             return adopted
                     continue
@@ -441,7 +439,7 @@ class DockerRuntime(Runtime):
                 raise failure from exc
             except ENGINE_ERRORS as exc:
                 raise self._failure(exc) from exc
-            await self._start_container(client, spec, cid)
+            await self._start_container(spec, cid)
             log.info(
                 "started jid=%s job=%s attempt=%d container=%s image=%s",
                 spec.jid,
@@ -453,9 +451,7 @@ class DockerRuntime(Runtime):
             return self._handle(spec, cid)
         raise RuntimeUnavailable(f"container name {spec.name} keeps being taken")
 
-    async def _adopt_or_clear(
-        self, client: docker.DockerClient, spec: JobSpec, attrs: dict[str, Any]
-    ) -> Handle | None:
+    async def _adopt_or_clear(self, spec: JobSpec, attrs: dict[str, Any]) -> Handle | None:
         """The handle of ``attrs`` when it is this attempt's container (started if it
         was only created); otherwise remove it and return None."""
         cid = str(attrs["Id"])
@@ -470,7 +466,7 @@ class DockerRuntime(Runtime):
             attempt = -1
         if ours and attempt == spec.attempt:
             if (attrs.get("State") or {}).get("Status") == "created":
-                await self._start_container(client, spec, cid)
+                await self._start_container(spec, cid)
             log.info(
                 "start.adopted jid=%s job=%s attempt=%d container=%s",
                 spec.jid,
@@ -500,7 +496,7 @@ class DockerRuntime(Runtime):
             raise self._failure(exc) from exc
         return None
 
-    async def _start_container(self, client: docker.DockerClient, spec: JobSpec, cid: str) -> None:
+    async def _start_container(self, spec: JobSpec, cid: str) -> None:
         try:
             await (await self._api()).start(cid)
             return
@@ -653,7 +649,7 @@ class DockerRuntime(Runtime):
         self._storebase = mountpoint
         return mountpoint
 
-    async def _inspect(self, client: docker.DockerClient, ref: str) -> dict[str, Any] | None:
+    async def _inspect(self, ref: str) -> dict[str, Any] | None:
         try:
             return await (await self._api()).inspect_container(ref)
         except docker.errors.NotFound:

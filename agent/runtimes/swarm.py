@@ -269,20 +269,19 @@ class SwarmRuntime(DockerRuntime):
                 continue
             task = first.get(handle.native_id)
             result[handle.job] = task_status(
-                task, oom_killed=await self._container_oom(client, task),
+                task, oom_killed=await self._container_oom(task),
                 memory_limited=not self.settings.ignore_limits,
                 stopped_by_us=handle.native_id in self._stopped_services)
         self._stopped_services.intersection_update(services)
         return result
 
-    async def _container_oom(self, client: docker.DockerClient,
-                             task: dict[str, Any] | None) -> bool | None:
+    async def _container_oom(self, task: dict[str, Any] | None) -> bool | None:
         """``State.OOMKilled`` of an ended task's container, when it is on this node."""
         status = (task or {}).get("Status") or {}
         cid = (status.get("ContainerStatus") or {}).get("ContainerID")
         if not cid or status.get("State") not in ("failed", "shutdown"):
             return None
-        attrs = await self._inspect(client, str(cid))
+        attrs = await self._inspect(str(cid))
         return None if attrs is None else bool((attrs.get("State") or {}).get("OOMKilled"))
 
     async def logs(self, handle: Handle, tail: int) -> str:

@@ -170,20 +170,26 @@ def os_errors(name: str) -> Iterator[None]:
         raise
 
 
+def create_file(path: Path, name: str, mode: int) -> int:
+    """Open ``path`` for writing an entry (never through a link), with ``mode``
+    whatever the umask; a directory in the way is the entry's conflict."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except IsADirectoryError:
+        raise conflict(name) from None
+    os.fchmod(fd, mode)
+    return fd
+
+
 def _extract_file(
     zf: zipfile.ZipFile, entry: Entry, target: Path, budget: int, chunk_size: int
 ) -> int:
     """Stream one entry to ``target``; return the bytes written, never more than budget."""
-    mode = 0o755 if entry.owner_exec else 0o644
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
     written = 0
     with zf.open(entry.info) as src:
-        try:
-            fd = os.open(target, flags, 0o600)
-        except IsADirectoryError:
-            raise conflict(entry.info.filename) from None
+        fd = create_file(target, entry.info.filename, 0o755 if entry.owner_exec else 0o644)
         with os.fdopen(fd, "wb") as out:
-            os.fchmod(fd, mode)
             while chunk := src.read(chunk_size):
                 written += len(chunk)
                 if written > budget:

@@ -82,9 +82,7 @@ class ZipUpload:
         """Raise the refusal met while streaming, or check and complete the unpack."""
         if self.error is not None:
             raise self.error
-        if not self._made:
-            self._make_staging()  # an empty part: the unpacker says what is wrong with it
-        self.nfiles = self._unpacker.finish()
+        self.nfiles = self._unpacker.finish()  # an empty part is refused before any write
 
     def moved(self) -> None:
         """The staging dir became ``incoming``: nothing is left to discard."""

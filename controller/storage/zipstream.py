@@ -47,7 +47,6 @@ _FLAG_UTF8 = 0x800
 _ZIP64_ID = 0x0001
 _U32_MAX = 0xFFFFFFFF
 _STREAMABLE = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED})
-_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 _OUT_CHUNK = 1 << 20  # bound on one inflate step's output (a bomb expands ~1000x)
 
 
@@ -141,18 +140,16 @@ class ZipStreamUnpacker:
     def _open_entry(self) -> None:
         head, at = self._head, self._head_at
         _sig, _v, flags, method, _t, _d, crc, csize, usize, nlen, _e = _LOCAL.unpack_from(head)
-        raw_name = bytes(head[30:30 + nlen])
-        extra = bytes(head[30 + nlen:])
-        self._head = bytearray()
-        if flags & (_FLAG_ENCRYPTED | _FLAG_DESCRIPTOR) or method not in _STREAMABLE:
-            self._start_spool(at, head)
+        sizes = (usize, csize)
+        if _U32_MAX in sizes:
+            sizes = _zip64_sizes(bytes(head[30 + nlen:]), usize, csize)
+        if (sizes is None or flags & (_FLAG_ENCRYPTED | _FLAG_DESCRIPTOR)
+                or method not in _STREAMABLE):
+            self._start_spool()  # zipfile extracts this entry and the rest at the end
             return
-        if _U32_MAX in (csize, usize):
-            sizes = _zip64_sizes(extra, usize, csize)
-            if sizes is None:
-                self._start_spool(at, head)
-                return
-            usize, csize = sizes
+        usize, csize = sizes
+        raw_name = bytes(head[30:30 + nlen])
+        self._head = bytearray()
         name = raw_name.decode("utf-8" if flags & _FLAG_UTF8 else "cp437")
         checked = unzip.check_name(name)
         self._entries += 1
@@ -175,7 +172,7 @@ class ZipStreamUnpacker:
                 fd = None
             else:
                 parent = unzip.mkdirs(self.dest, parts[:-1])
-                fd = _create(parent / parts[-1], name)
+                fd = unzip.create_file(parent / parts[-1], name, 0o644)  # exec bit: at the end
         self._begin(_Entry(meta, at, fd))
 
     def _begin(self, entry: _Entry) -> None:
@@ -240,11 +237,10 @@ class ZipStreamUnpacker:
 
     # ------------------------------------------------------------------ the spool
 
-    def _start_spool(self, at: int | None = None, head: bytes | bytearray | None = None) -> None:
-        if at is None:
-            at, head = self._head_at, self._head
-        self._spool = TailSpool(self.spool, at)
-        self._head = bytearray()
+    def _start_spool(self) -> None:
+        """Send everything from the header being read on to the spool."""
+        head, self._head = self._head, bytearray()
+        self._spool = TailSpool(self.spool, self._head_at)
         if head:
             self._append(bytes(head))
 
@@ -267,15 +263,13 @@ class ZipStreamUnpacker:
         if self._entry is not None or self._head or spool is None:
             raise unzip.bad_zip()  # the upload ended inside an entry, or before the end
         with spool.reader() as tail:
-            return self._check_and_extract(tail)
+            return self._check_and_extract(tail, spool.start)
 
-    def _check_and_extract(self, tail: BinaryIO) -> int:
+    def _check_and_extract(self, tail: BinaryIO, spooled_from: int) -> int:
         try:
             zf = zipfile.ZipFile(tail)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError):
             raise unzip.bad_zip() from None
-        assert self._spool is not None
-        spool = self._spool
         with zf:
             entries = unzip.plan(zf.infolist(), self.max_files, self.max_bytes)
             streamed = self._streamed
@@ -284,7 +278,7 @@ class ZipStreamUnpacker:
                 offset = entry.info.header_offset
                 meta = streamed.pop(offset, None)
                 if meta is None:
-                    if offset < spool.start:
+                    if offset < spooled_from:
                         raise unzip.corrupt(entry.info.filename)
                     rest.append(entry)
                     continue
@@ -324,15 +318,6 @@ class ZipStreamUnpacker:
             self._entry.fd = None
         if self._spool is not None:
             self._spool.close()
-
-
-def _create(path: Path, name: str) -> int:
-    try:
-        fd = os.open(path, _OPEN_FLAGS, 0o600)
-    except IsADirectoryError:
-        raise unzip.conflict(name) from None
-    os.fchmod(fd, 0o644)  # whatever the umask; the exec bit comes from the directory
-    return fd
 
 
 def _zip64_sizes(extra: bytes, usize: int, csize: int) -> tuple[int, int] | None:

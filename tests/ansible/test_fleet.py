@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 from pfconclient import client as pfc
 
-from tests.e2e.conftest import make_zip
 from tests.support.ansible_testbed import AGENT_HOSTS, AnsibleTestbed, PlaybookRun
 from tests.support.daemons import wait_until
 from tests.support.engines import BUSYBOX_IMAGE
 from tests.support.processes import http_json
+from tests.support.zips import make_zip
 
 TERMINAL = ("finishedSuccessfully", "finishedWithError", "undefined")
 UNITS = {"ctl": ["pfleet-controller"], **{h: ["pfleet-agent"] for h in AGENT_HOSTS}}

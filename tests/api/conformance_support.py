@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestServer
 from controller.app import create_app
 from controller.storage.zipmode import STAGING_DIR
 from tests.conftest import Harness, make_config, start_fake_agent, stop_task
+from tests.support.zips import make_zip
 
 MISSING_FORM = "Missing required parameter in the post body"
 MISSING_JSON = ("Missing required parameter in the JSON body or the post body or the query "
@@ -50,13 +51,6 @@ TERMINAL = ("finishedSuccessfully", "finishedWithError", "undefined")
 PLUGIN_REQUIRED = ["jid", "auid", "number_of_workers", "cpu_limit", "memory_limit",
                    "gpu_limit", "image", "entrypoint", "type"]
 
-
-def make_zip(files: Mapping[str, bytes | str]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
 
 
 def make_zip_infos(entries: Iterable[tuple[zipfile.ZipInfo, bytes]]) -> bytes:

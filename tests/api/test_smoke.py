@@ -1,20 +1,11 @@
 from __future__ import annotations
 
 import asyncio
-import io
-import zipfile
 
 import aiohttp
 
 from tests.conftest import Harness
-
-
-def make_zip(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
+from tests.support.zips import make_zip
 
 
 async def test_plugin_flow_on_fake_agent(harness: Harness) -> None:

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import io
-import zipfile
 from pathlib import Path
 
 import pytest
 
 from controller.storage.paths import StorageError
 from controller.storage.zipmode import STAGING_DIR, ZipUpload, prepare_upload_dirs, stage_zip_inputs
-
-
-def zip_of(entries: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
+from tests.support.zips import make_zip
 
 
 def new_upload(tmp_path: Path, **limits: int) -> ZipUpload:
@@ -28,7 +19,7 @@ def new_upload(tmp_path: Path, **limits: int) -> ZipUpload:
 
 def test_stage_moves_the_upload_to_incoming(tmp_path: Path) -> None:
     upload = new_upload(tmp_path)
-    data = zip_of({"a.txt": b"A", "d/b.txt": b"B"})
+    data = make_zip({"a.txt": b"A", "d/b.txt": b"B"})
     for i in range(0, len(data), 10):  # in small pieces, as the network delivers it
         upload.feed([data[i:i + 10]])
     out = stage_zip_inputs(tmp_path / "sb", "j1", upload)
@@ -44,7 +35,7 @@ def test_stage_moves_the_upload_to_incoming(tmp_path: Path) -> None:
 
 def test_a_refusal_is_kept_until_finish_and_leaves_nothing(tmp_path: Path) -> None:
     upload = new_upload(tmp_path, max_files=2)
-    upload.feed([zip_of({f"f{i}": b"x" for i in range(5)})])  # no exception here
+    upload.feed([make_zip({f"f{i}": b"x" for i in range(5)})])  # no exception here
     assert upload.error is not None
     upload.feed([b"more bytes of the same body are ignored"])
     with pytest.raises(StorageError, match="more than 2 entries"):

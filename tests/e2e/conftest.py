@@ -3,8 +3,6 @@ on a real engine, driven by python-pfconclient."""
 
 from __future__ import annotations
 
-import io
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,14 +11,6 @@ import pytest
 from tests.conftest import free_port
 from tests.support.engines import Engine
 from tests.support.processes import ControllerProc, Proc, agent_proc, controller_proc
-
-
-def make_zip(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
 
 
 def engine_env(engine: Engine, storebase: Path) -> dict[str, str]:

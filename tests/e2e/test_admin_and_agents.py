@@ -16,8 +16,8 @@ import pytest
 import requests
 
 from tests.conftest import free_port
-from tests.e2e.conftest import make_zip
 from tests.support.processes import agent_proc, controller_proc, http_json, wait_for
+from tests.support.zips import make_zip
 
 BIN = Path(sys.executable).parent
 

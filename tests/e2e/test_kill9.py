@@ -16,9 +16,9 @@ import pytest
 from pfconclient import client as pfc
 from pfconclient.exceptions import PfconRequestException
 
-from tests.e2e.conftest import make_zip
 from tests.e2e.test_pfconclient_zipfile import client_for, plugin_descriptors, poll
 from tests.support.engines import Engine
+from tests.support.zips import make_zip
 
 pytestmark = pytest.mark.docker
 

@@ -12,10 +12,10 @@ import zipfile
 import pytest
 import requests
 
-from tests.e2e.conftest import make_zip
 from tests.e2e.test_innetwork_flows import cube_tree, innetwork_env
 from tests.e2e.test_pfconclient_zipfile import COPY_SCRIPT
 from tests.support.engines import BUSYBOX_IMAGE, Engine
+from tests.support.zips import make_zip
 
 pytestmark = pytest.mark.docker
 

@@ -12,8 +12,8 @@ import pytest
 from pfconclient import client as pfc
 from pfconclient.exceptions import PfconRequestException
 
-from tests.e2e.conftest import make_zip
 from tests.support.engines import BUSYBOX_IMAGE, Engine
+from tests.support.zips import make_zip
 
 # The plugin: copies its inputs to its outputs with a suffix, says so on stdout.
 COPY_SCRIPT = ('set -e; cd "$0"; for f in $(find . -type f); do mkdir -p "$1/$(dirname $f)"; '

@@ -14,10 +14,10 @@ import pytest
 from pfconclient import client as pfc
 from pfconclient.exceptions import PfconRequestException
 
-from tests.e2e.conftest import make_zip
 from tests.support.engines import BUSYBOX_IMAGE
 from tests.support.processes import wait_for
 from tests.support.tls import make_certs
+from tests.support.zips import make_zip
 
 pytestmark = [pytest.mark.docker, pytest.mark.podman]
 

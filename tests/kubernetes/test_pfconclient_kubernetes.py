@@ -17,10 +17,10 @@ from pfconclient import client as pfc
 from pfconclient.exceptions import PfconRequestException
 
 from tests.conftest import free_port
-from tests.e2e.conftest import make_zip
 from tests.e2e.test_pfconclient_zipfile import client_for, plugin_descriptors, poll
 from tests.support.kmock_server import KmockServer, Kubelet
 from tests.support.processes import ControllerProc, Proc, agent_proc, controller_proc
+from tests.support.zips import make_zip
 
 NAMESPACE = "chris"
 PVC = "chris-storebase"

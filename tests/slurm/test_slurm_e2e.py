@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from pfconclient import client as pfc
 
-from tests.e2e.conftest import make_zip
 from tests.e2e.test_pfconclient_zipfile import COPY_SCRIPT, plugin_descriptors, poll
 from tests.slurm.conftest import SlurmDeployment
 from tests.support.engines import BUSYBOX_IMAGE, Engine
 from tests.support.slurm import NOBODY, SlurmCluster
+from tests.support.zips import make_zip
 
 SLOW_IMAGE = "localhost/pfleet-test/slow:1"  # a rule gives it a 1-minute time limit
 TIMEOUT_JID = "slurm-timeout"

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from pfconclient import client as pfc
 
-from tests.e2e.conftest import make_zip
 from tests.e2e.test_pfconclient_zipfile import plugin_descriptors
 from tests.fleet.conftest import Fleet
 from tests.support.slurm import SlurmCluster, start_multinode_cluster, unpack_busybox_image
 from tests.support.topology import start_topology
+from tests.support.zips import make_zip
 
 WHERE = 'echo "$SLURMD_NODENAME" > "$1/node-${SLURM_PROCID:-0}.txt"; echo done'
 # Two jobs that each need a whole node, and wait (bounded) for each other through the

@@ -12,9 +12,10 @@ import pytest
 from pfconclient import client as pfc
 from pfconclient.exceptions import PfconRequestException
 
-from tests.e2e.conftest import Deployment, make_zip
+from tests.e2e.conftest import Deployment
 from tests.e2e.test_pfconclient_zipfile import client_for, plugin_descriptors, poll
 from tests.support.engines import Engine
+from tests.support.zips import make_zip
 
 SWARM_ENV = {"CONTAINER_ENV": "swarm", "PFLEET_AGENT_POLL_INTERVAL": "0.5"}
 

@@ -6,6 +6,13 @@ the data whatever happens to the process.  ``fsync`` only adds survival of a
 machine crash, and costs milliseconds to tens of milliseconds on a busy disk, which
 must not be spent on the event loop; one background thread does it, coalescing
 the files written meanwhile (a file deleted before its turn needs nothing).
+
+The thread waits ``delay`` seconds after the first write of a batch before it
+syncs: an outbox event is usually acked and deleted within that time, and a job
+record rewritten several times is synced once.  Each fsync of a new file forces a
+journal commit, which also slows every other writer of the filesystem (the
+container engine's metadata, on a shared disk).  Bench 4 counted about 20 fsyncs
+per job without the wait and 3 with it.
 """
 
 from __future__ import annotations
@@ -16,14 +23,17 @@ import os
 import threading
 from pathlib import Path
 
-__all__ = ["DurableWriter"]
+__all__ = ["BATCH_DELAY", "DurableWriter", "sync_files"]
 
 log = logging.getLogger("pfleet.agent.durable")
 
+BATCH_DELAY = 0.25  # seconds a batch gathers before it is synced
+
 
 class DurableWriter:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, delay: float = BATCH_DELAY) -> None:
         self._name = name
+        self._delay = delay
         self._dirty: set[str] = set()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -52,7 +62,7 @@ class DurableWriter:
         """fsync everything written so far, in the caller's thread (blocking)."""
         with self._lock:
             batch, self._dirty = self._dirty, set()
-        _sync(batch)
+        sync_files(batch)
 
     def close(self) -> None:
         with self._lock:
@@ -68,13 +78,15 @@ class DurableWriter:
             with self._lock:
                 while not self._dirty and not self._closed:
                     self._wake.wait()
+                self._wake.wait_for(lambda: self._closed, timeout=self._delay)
                 if self._closed and not self._dirty:
                     return
                 batch, self._dirty = self._dirty, set()
-            _sync(batch)
+            sync_files(batch)
 
 
-def _sync(paths: set[str]) -> None:
+def sync_files(paths: set[str]) -> None:
+    """fsync each file that still exists, then each of their directories."""
     directories: set[str] = set()
     for path in paths:
         try:

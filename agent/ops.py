@@ -36,8 +36,8 @@ from typing import Any
 from agent.chrislinks import LinkError, expand_links
 from agent.ops_fslink import CopyError, fetch_inputs
 
-__all__ = ["KEY_DIR", "OpError", "copy_inputs", "delete_key_dir", "run_op", "storage_parts",
-           "upload_outputs"]
+__all__ = ["KEY_DIR", "OpError", "copy_inputs", "delete_key_dir", "run_op", "small_delete",
+           "storage_parts", "upload_outputs"]
 
 log = logging.getLogger("pfleet.agent.ops")
 
@@ -256,3 +256,30 @@ def delete_key_dir(storebase: Path, key_dir: str) -> str:
         raise OpError("could not delete everything: " + "; ".join(errors[:5]))
     log.info("deleted key dir path=%s", target)
     return f"deleted {key_dir}\n"
+
+
+def small_delete(op: Any, storebase: Path, max_entries: int) -> bool:
+    """Whether ``op`` is a delete of a key dir holding at most ``max_entries``
+    entries (or of none): a few syscalls, cheap enough to run without a worker.
+    Counting stops at the bound and follows no link."""
+    if not isinstance(op, dict) or op.get("op") != "delete":
+        return False
+    key = op.get("key_dir")
+    if not isinstance(key, str) or not KEY_DIR.fullmatch(key):
+        return False  # the worker reports what is wrong with it
+    pending = [os.fspath(storebase / key)]
+    seen = 0
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as entries:
+                for entry in entries:
+                    seen += 1
+                    if seen > max_entries:
+                        return False
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # nothing there to count: the delete says what it found
+        except OSError:
+            return False
+    return True

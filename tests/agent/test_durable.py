@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import durable
 from agent.durable import DurableWriter
 
 
@@ -43,3 +44,16 @@ def test_a_failed_write_raises_and_replaces_nothing(tmp_path: Path) -> None:
         assert list(tmp_path.iterdir()) == []
     finally:
         writer.close()
+
+
+def test_writes_of_one_burst_are_synced_together(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    batches: list[set[str]] = []
+    monkeypatch.setattr(durable, "sync_files", lambda paths: batches.append(set(paths)))
+    writer = DurableWriter("t", delay=30.0)  # longer than the test: close() ends the wait
+    for i in range(20):
+        writer.replace(tmp_path / f"{i}.json", b"x")
+    writer.replace(tmp_path / "0.json", b"rewritten")
+    writer.close()
+    assert batches[0] == {os.fspath(tmp_path / f"{i}.json") for i in range(20)}
+    assert all(not batch for batch in batches[1:])  # close()'s own flush found nothing left

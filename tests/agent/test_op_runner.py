@@ -30,7 +30,14 @@ from typing import Any
 import pytest
 
 from agent import protocol as p
-from agent.op_runner import RLIMIT_FLOOR_MIB, ChildRef, OpResult, OpRunner, process_start_time
+from agent.op_runner import (
+    INLINE_DELETE_ENTRIES,
+    RLIMIT_FLOOR_MIB,
+    ChildRef,
+    OpResult,
+    OpRunner,
+    process_start_time,
+)
 from agent.outbox import Outbox
 from agent.runtimes.fake import FakeRuntime
 from agent.supervisor import Supervisor
@@ -291,6 +298,56 @@ async def test_a_failing_operation_reports_its_message(runner: OpRunner, sb: Pat
         f"ChRIS link '{DATA}/evil.chrislink' points to 'home/alice', which is the job's "
         f"output dir or one of its ancestors ('{OUTPUT}')")
     assert result.log == result.message + "\n"
+
+
+def delete_spec(key_dir: str = "key-jid1") -> p.JobSpec:
+    return p.JobSpec(job="job-d", attempt=1, name="jid1-delete", jid="jid1", kind="delete",
+                     image="", command=[], cpu_limit=1000, memory_limit=300,
+                     op={"op": "delete", "key_dir": key_dir})
+
+
+def fill_key_dir(sb: Path, files: int) -> None:
+    for i in range(files):
+        path = sb / "key-jid1" / ("incoming" if i % 2 else "outgoing") / f"f{i}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+
+
+async def test_a_small_delete_is_done_by_the_agent_without_a_worker(runner: OpRunner,
+                                                                     sb: Path) -> None:
+    fill_key_dir(sb, INLINE_DELETE_ENTRIES - 3)  # + 2 dirs + the link: exactly at the bound
+    (sb / "key-jid1" / "to-data").symlink_to(sb / DATA)  # counted once, never followed
+    started: list[ChildRef] = []
+    result = await asyncio.wait_for(runner.run(delete_spec(), on_started=started.append), WAIT)
+    assert result == OpResult(0, "deleted key-jid1\n", "")
+    assert started == [] and not runner.op_dir(delete_spec()).exists()
+    assert not (sb / "key-jid1").exists() and incoming_files(sb) == 0
+    assert sum(1 for q in (sb / DATA).rglob("*") if q.is_file()) == 20  # the link's target
+
+
+async def test_a_larger_delete_runs_in_a_limited_worker(runner: OpRunner, sb: Path,
+                                                        pids: Pids) -> None:
+    fill_key_dir(sb, INLINE_DELETE_ENTRIES)
+    started: list[ChildRef] = []
+
+    def on_started(ref: ChildRef) -> None:
+        pids.add(ref)
+        started.append(ref)
+
+    result = await asyncio.wait_for(runner.run(delete_spec(), on_started=on_started), WAIT)
+    assert result.exit_code == 0 and result.log == "deleted key-jid1\n"
+    assert len(started) == 1 and not (sb / "key-jid1").exists()
+
+
+async def test_a_small_delete_reports_a_refusal_like_a_worker(runner: OpRunner, sb: Path,
+                                                              tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (sb / "key-jid1").symlink_to(tmp_path / "elsewhere")
+    started: list[ChildRef] = []
+    result = await asyncio.wait_for(runner.run(delete_spec(), on_started=started.append), WAIT)
+    message = "refusing to delete 'key-jid1': it is a symbolic link"
+    assert result == OpResult(1, message + "\n", message) and started == []
+    assert (tmp_path / "elsewhere").is_dir()
 
 
 async def test_a_worker_killed_by_a_signal_reports_it(runner: OpRunner, pids: Pids) -> None:

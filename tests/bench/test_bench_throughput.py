@@ -4,8 +4,8 @@ bare ``docker run --rm busybox true`` 8 at a time.
 pfleet, per job (as CUBE does it through python-pfconclient): POST pluginjobs/ with a
 tiny zip, poll its status every 0.2 s until it finished, POST deletejobs/, poll that
 every 0.2 s, DELETE both jobs.  Baseline: the docker CLI in 8 threads.  The two sides
-run in A-B-B-A blocks of half the jobs (docker, pfleet, pfleet, docker); each side's
-wall time is the sum of its two blocks.
+run in ``PFLEET_BENCH_ROUNDS`` (2) rounds of A-B-B-A blocks (docker, pfleet, pfleet,
+docker; 50 jobs each by default); each side's wall time is the sum of its blocks.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from tests.bench.helpers import (
 from tests.support.engines import BUSYBOX_IMAGE, Engine
 
 JOBS = int(os.environ.get("PFLEET_BENCH_JOBS", "200"))
+ROUNDS = max(1, int(os.environ.get("PFLEET_BENCH_ROUNDS", "2")))
 CONCURRENCY = 8
 WARMUP = CONCURRENCY
 POLL = 0.2
@@ -163,22 +164,38 @@ def test_jobs_end_to_end_throughput(bench_deployment, bench_engine: Engine) -> N
     docker_baseline(bench_engine, WARMUP, "tp-warm-docker")
     pfleet_run(deployment, WARMUP, "tp-warm")
 
-    # A-B-B-A blocks of half the jobs each, so a drift of the machine's speed during
-    # the run weighs on both sides alike.
-    half = JOBS // 2
-    docker_a = docker_baseline(bench_engine, half, "tp-docker-a")
-    pfleet_a, phases_a = pfleet_run(deployment, half, "tp-a")
-    pfleet_b, phases_b = pfleet_run(deployment, JOBS - half, "tp-b")
-    docker_b = docker_baseline(bench_engine, JOBS - half, "tp-docker-b")
-    pfleet, phases = merge([pfleet_a, pfleet_b]), phases_a + phases_b
-    docker = merge([docker_a, docker_b])
+    # ROUNDS rounds of A-B-B-A blocks, so a drift of the machine's speed during the
+    # run weighs on both sides alike (one round's docker blocks differed by up to 25 %).
+    block = JOBS // (2 * ROUNDS)
+    docker_runs: list[Run] = []
+    pfleet_runs: list[Run] = []
+    phases: list[Phases] = []
+    blocks: list[str] = []
+    for r in range(ROUNDS):
+        for side in ("docker", "pfleet", "pfleet", "docker"):
+            name = f"tp-{side}-{r}-{len(blocks)}"
+            if side == "docker":
+                docker_runs.append(docker_baseline(bench_engine, block, name))
+                blocks.append(f"d {docker_runs[-1].wall_s:.1f}")
+            else:
+                run, run_phases = pfleet_run(deployment, block, name)
+                pfleet_runs.append(run)
+                phases += run_phases
+                blocks.append(f"p {run.wall_s:.1f}")
+    pfleet, docker = merge(pfleet_runs), merge(docker_runs)
+    jobs = block * 2 * ROUNDS
+    round_ratios = [
+        sum(r.wall_s for r in pfleet_runs[2 * i : 2 * i + 2])
+        / sum(r.wall_s for r in docker_runs[2 * i : 2 * i + 2])
+        for i in range(ROUNDS)
+    ]
     baseline_wall = docker.wall_s
 
-    report = Report(4, f"{JOBS} jobs 'true' (busybox) end to end, concurrency {CONCURRENCY}")
-    report.add(f"wall time for {JOBS} jobs (s)", pfleet.wall_s, baseline_wall, "docker run --rm",
+    report = Report(4, f"{jobs} jobs 'true' (busybox) end to end, concurrency {CONCURRENCY}")
+    report.add(f"wall time for {jobs} jobs (s)", pfleet.wall_s, baseline_wall, "docker run --rm",
                f"<= {TARGET_RATIO:.2f}x", pfleet.wall_s / baseline_wall <= TARGET_RATIO,
                fmt="{:.2f}")  # fmt: skip
-    report.add("jobs per second", JOBS / pfleet.wall_s, JOBS / baseline_wall, "docker run --rm",
+    report.add("jobs per second", jobs / pfleet.wall_s, jobs / baseline_wall, "docker run --rm",
                fmt="{:.2f}")  # fmt: skip
     report.add("per job median (s)", median(pfleet.per_job_s),
                median(docker.per_job_s), "docker run --rm",
@@ -199,15 +216,19 @@ def test_jobs_end_to_end_throughput(bench_deployment, bench_engine: Engine) -> N
     if pfleet.engine_cpu_s is not None and docker.engine_cpu_s is not None:
         report.add("dockerd CPU (s)", pfleet.engine_cpu_s, docker.engine_cpu_s, "docker run --rm",
                    fmt="{:.2f}")  # fmt: skip
-    report.note(f"blocks of {half} jobs, docker/pfleet/pfleet/docker: {docker_a.wall_s:.1f} / "
-                f"{pfleet_a.wall_s:.1f} / {pfleet_b.wall_s:.1f} / {docker_b.wall_s:.1f} s; "
-                f"pfcon reference ratio {PFCON_RATIO:.2f}x")  # fmt: skip
+    report.note(
+        f"{ROUNDS} rounds of blocks of {block} jobs, d(ocker)/p(fleet) in order (s): "
+        f"{' / '.join(blocks)}; ratio per round: "
+        f"{', '.join(f'{x:.2f}x' for x in round_ratios)}; "
+        f"pfcon reference ratio {PFCON_RATIO:.2f}x"
+    )
     report.note(f"pfleet: cpu_limit 1000, memory_limit 64, status polled every {POLL} s "
                 "(a poll's wait adds up to 0.2 s per job and per delete job)")  # fmt: skip
     report.extra = {
         "pfleet_wall_s": pfleet.wall_s,
         "docker_wall_s": docker.wall_s,
-        "blocks_s": [docker_a.wall_s, pfleet_a.wall_s, pfleet_b.wall_s, docker_b.wall_s],
+        "blocks": blocks,
+        "round_ratios": round_ratios,
         "controller_cpu_s": pfleet.controller_cpu_s,
     }
     publish(report)

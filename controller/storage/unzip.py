@@ -11,6 +11,7 @@ upload arrives and uses :func:`extract_rest` for entries it could not stream.
 from __future__ import annotations
 
 import errno
+import lzma
 import os
 import stat
 import zipfile
@@ -33,6 +34,7 @@ _SUPPORTED_METHODS = frozenset(
     {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 )
 _FLAG_ENCRYPTED = 0x1
+_FLAG_UNREADABLE = 0x60  # patched data, strong encryption: zipfile cannot read these
 # errors that mean "this entry cannot be created here" rather than a server fault
 _CLIENT_ERRNOS = {errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ}
 _SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
@@ -100,9 +102,13 @@ def check_name(name: str) -> tuple[tuple[str, ...], bool] | None:
 
 def _check_entry(info: zipfile.ZipInfo) -> Entry | None:
     """Validate one central-directory entry; None for a harmless no-op (``./``)."""
-    name = info.filename
+    # the name as stored: zipfile's ``filename`` drops everything from a NUL on,
+    # and the streamed local header is checked by this one
+    name = info.orig_filename
     if info.flag_bits & _FLAG_ENCRYPTED:
         raise _refuse(name, "is encrypted")
+    if info.flag_bits & _FLAG_UNREADABLE:
+        raise _refuse(name, "cannot be decompressed")
     if info.compress_type not in _SUPPORTED_METHODS:
         raise _refuse(name, f"uses unsupported compression method {info.compress_type}")
     mode = info.external_attr >> 16
@@ -218,7 +224,11 @@ def extract_rest(zf: zipfile.ZipFile, entries: list[Entry], dest: Path, budget: 
                 budget -= _extract_file(zf, entry, parent / entry.parts[-1], budget, chunk_size)
             except _RanOver:
                 raise too_big(max_bytes) from None
-            except (zipfile.BadZipFile, EOFError, zlib.error, ValueError):
+            except (zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, ValueError):
                 raise corrupt(name) from None
+            except OSError as exc:
+                if exc.errno is not None:
+                    raise
+                raise corrupt(name) from None  # bz2's "Invalid data stream"
             except (NotImplementedError, RuntimeError):
                 raise _refuse(name, "cannot be decompressed") from None

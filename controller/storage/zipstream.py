@@ -150,7 +150,10 @@ class ZipStreamUnpacker:
         usize, csize = sizes
         raw_name = bytes(head[30:30 + nlen])
         self._head = bytearray()
-        name = raw_name.decode("utf-8" if flags & _FLAG_UTF8 else "cp437")
+        try:
+            name = raw_name.decode("utf-8" if flags & _FLAG_UTF8 else "cp437")
+        except UnicodeDecodeError:  # flagged UTF-8, but is not
+            raise unzip.bad_zip(" (an entry name is not valid UTF-8)") from None
         checked = unzip.check_name(name)
         self._entries += 1
         if self._entries > self.max_files:
@@ -270,10 +273,13 @@ class ZipStreamUnpacker:
             zf = zipfile.ZipFile(tail)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError):
             raise unzip.bad_zip() from None
+        except NotImplementedError:  # an entry needs a zip version newer than 6.3
+            raise unzip.bad_zip(" (needs a newer zip version)") from None
         with zf:
             entries = unzip.plan(zf.infolist(), self.max_files, self.max_bytes)
             streamed = self._streamed
             rest: list[unzip.Entry] = []
+            exec_bit = {e.parts: e.owner_exec for e in entries}  # a later duplicate wins
             for entry in entries:
                 offset = entry.info.header_offset
                 meta = streamed.pop(offset, None)
@@ -286,7 +292,7 @@ class ZipStreamUnpacker:
                     raise unzip.corrupt(entry.info.filename)
                 if entry.is_dir and not meta.is_dir:  # a directory by its mode bits only
                     self._file_to_dir(entry)
-                if entry.owner_exec:
+                if entry.owner_exec and exec_bit[entry.parts]:
                     os.chmod(self.dest.joinpath(*entry.parts), 0o755)
             if streamed:
                 first = min(streamed)

@@ -606,10 +606,19 @@ class DockerRuntime(Runtime):
             "timeout": self.settings.request_timeout,
             "max_pool_size": max(10, self.settings.max_concurrency + 2),
         }
-        if self.settings.base_url:
-            client = docker.DockerClient(base_url=self.settings.base_url, **options)
+        url = self.settings.base_url
+        if url and url.startswith("unix://"):
+            client = docker.DockerClient(base_url=url, **options)
         else:
-            client = docker.from_env(**options)
+            # DOCKER_TLS_VERIFY / DOCKER_CERT_PATH apply to a configured TCP URL too, as
+            # for the docker CLI (the agent hands DOCKER_HOST over as base_url).
+            environment = {**os.environ, "DOCKER_HOST": url} if url else dict(os.environ)
+            try:
+                client = docker.from_env(environment=environment, **options)
+            except docker.errors.TLSParameterError as exc:
+                raise RuntimeUnavailable(
+                    f"{self.name} engine at {self._url}: {_tls_files_problem(environment)}"
+                ) from exc
         client.api.trust_env = False  # no proxy settings looked up on every request
         return client
 
@@ -668,6 +677,10 @@ class DockerRuntime(Runtime):
             if creating and is_permanent_create_error(exc.status_code, text):
                 return JobRejected(text)
             return RuntimeUnavailable(f"{self.name} engine error: {text}")
+        tls_error = _ssl_error(exc)
+        if tls_error is not None:  # the SDK buries it at the end of a long message
+            return RuntimeUnavailable(f"{self.name} engine unreachable at {self._url}: "
+                                      f"TLS error: {short_error(str(tls_error))}")
         return RuntimeUnavailable(
             f"{self.name} engine unreachable at {self._url}: {short_error(str(exc))}"
         )
@@ -709,6 +722,35 @@ def _tls_context(api: docker.APIClient) -> ssl.SSLContext | None:
         cert, key = api.cert if isinstance(api.cert, tuple) else (api.cert, None)
         context.load_cert_chain(cert, key)
     return context
+
+
+def _tls_files_problem(environment: dict[str, str]) -> str:
+    """What DOCKER_TLS_VERIFY / DOCKER_CERT_PATH lack, in the operator's terms (the SDK's
+    own message names neither the directory nor the files)."""
+    verify = environment.get("DOCKER_TLS_VERIFY") not in (None, "")
+    directory = environment.get("DOCKER_CERT_PATH") or os.path.expanduser("~/.docker")
+    needed = ["cert.pem", "key.pem", *(["ca.pem"] if verify else [])]
+    missing = [name for name in needed if not os.path.isfile(os.path.join(directory, name))]
+    return (f"TLS is on (DOCKER_TLS_VERIFY / DOCKER_CERT_PATH) but {directory} lacks "
+            f"{', '.join(missing) or 'a usable certificate'}; it must hold "
+            f"{', '.join(needed)}")
+
+
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind a transport failure (the SDK and requests wrap it in
+    several layers: causes, arguments, urllib3's ``reason``), if there is one."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo and len(seen) < 32:
+        error = todo.pop()
+        if not isinstance(error, BaseException) or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, ssl.SSLError):
+            return error
+        todo += [error.__cause__, error.__context__, getattr(error, "reason", None),
+                 *error.args]
+    return None
 
 
 def _pull(client: docker.DockerClient, image: str) -> str:

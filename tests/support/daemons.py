@@ -48,6 +48,21 @@ class EngineStartError(RuntimeError):
     """An engine did not come up; the message ends with the tail of its log."""
 
 
+@dataclasses.dataclass(frozen=True)
+class DockerTLS:
+    """A TCP listener for dockerd that takes only clients with a certificate ``ca``
+    signed (``--tlsverify``); ``address`` is inside the engine's network namespace."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    address: str = "127.0.0.1:2376"
+
+    def dockerd_args(self) -> list[str]:
+        return ["--tlsverify", "--tlscacert", str(self.ca), "--tlscert", str(self.cert),
+                "--tlskey", str(self.key), "-H", f"tcp://{self.address}"]
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -415,6 +430,7 @@ class Engine:
     log_path: Path
     data_dir: Path
     startup_seconds: float = 0.0  # daemon start until it answers
+    tls_url: str = ""  # tcp://... of a DockerTLS listener (reachable inside ``netns`` only)
     images_seconds: float = 0.0  # making sure the test images exist
     # The API daemon (dockerd / podman service), for stopping and restarting it.
     daemon: Daemon | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -571,6 +587,7 @@ def run_dockerd(
     own_netns: bool = True,
     images: bool = True,
     scratch_prefix: str = "pfleet-docker-",
+    tls: DockerTLS | None = None,
 ) -> Iterator[Engine]:
     """A private dockerd in network namespace ``netns`` with storage in ``state``.
 
@@ -578,6 +595,7 @@ def run_dockerd(
     its default bridge and pool (``--bip`` / ``--default-address-pool``), ``tag`` names its
     containerd namespaces and cgroup parent. With ``own_netns`` the namespace is created
     here and deleted afterwards; otherwise it must exist and is left alone.
+    With ``tls`` it also listens on TCP with TLS (``Engine.tls_url``); off by default.
     """
     docker_bin = docker_cli()
     record = state / "session.json"
@@ -640,6 +658,7 @@ def run_dockerd(
                 "--containerd-plugins-namespace", f"{tag}-p",
                 "--cgroup-parent", tag,
                 "--shutdown-timeout", "5",
+                *(tls.dockerd_args() if tls else []),
                 *extra,
             ],
             log_path,
@@ -656,6 +675,7 @@ def run_dockerd(
             log_path=log_path,
             data_dir=data_root,
             startup_seconds=time.monotonic() - t0,
+            tls_url=f"tcp://{tls.address}" if tls else "",
             daemon=dockerd,
             pidfiles=[scratch / "docker.pid", exec_root / "containerd" / "containerd.pid"],
         )

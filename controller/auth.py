@@ -60,7 +60,7 @@ class ClientTokenVerifier:
                 return
             del self._cache[token]
             raise Unauthorized("Expired authorization token.")
-        if not token:
+        if not token or not token.isascii():  # a JWT is ASCII; PyJWT fails on surrogates
             raise Unauthorized("Invalid authorization token.")
         try:
             claims = jwt.decode(token, self._config.secret_key, algorithms=_ALGORITHMS,

@@ -71,8 +71,8 @@ async def list_agents(request: web.Request) -> web.Response:
 @routes.post("/api/v1/agents/tokens/")
 async def create_agent_token(request: web.Request) -> web.Response:
     try:
-        body = json.loads(await request.text() or "{}")
-    except ValueError:
+        body = json.loads(await request.read() or b"{}")
+    except (ValueError, RecursionError):
         raise BadRequest("body must be JSON: {\"name\": \"AGENT\"}") from None
     name = body.get("name") if isinstance(body, dict) else None
     if not isinstance(name, str) or not AGENT_NAME.fullmatch(name):

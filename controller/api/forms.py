@@ -13,12 +13,15 @@ memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from controller.errors import BadRequest, PayloadTooLarge
 from controller.storage.zipmode import ZipUpload
@@ -178,6 +181,8 @@ async def read_form(request: web.Request, new_upload: UploadFactory | None,
             post = await request.post()
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge("request body too large for a form") from None
+        except (UnicodeDecodeError, LookupError) as exc:  # raw non-UTF-8 bytes, unknown charset
+            raise BadRequest(f"malformed form body: {exc}") from None
         for key in post:
             body.fields[key] = [v for v in post.getall(key) if isinstance(v, str)]
         return body
@@ -185,17 +190,41 @@ async def read_form(request: web.Request, new_upload: UploadFactory | None,
     return body
 
 
+# What aiohttp's multipart reader raises on a body that breaks the format: no
+# closing boundary, part headers too long or too many, a nested part without a
+# boundary, a bad transfer encoding, a leading `_charset_` part (which it misreads).
+_MALFORMED = (ValueError, AssertionError, RuntimeError, HttpProcessingError)
+
+
+@contextlib.contextmanager
+def _malformed_is_400() -> Iterator[None]:
+    """Answer the client's broken multipart body with a 400, not a 500."""
+    try:
+        yield
+    except _MALFORMED as exc:
+        reason = exc.message if isinstance(exc, HttpProcessingError) else exc
+        raise BadRequest(f"malformed multipart body: {reason}") from None
+
+
 async def _read_multipart(request: web.Request, body: FormBody,
                           new_upload: UploadFactory | None, max_upload_bytes: int) -> None:
-    try:
+    with _malformed_is_400():
         reader = await request.multipart()
-    except (ValueError, AssertionError) as exc:
-        raise BadRequest(f"malformed multipart body: {exc}") from None
     text_bytes = 0
-    while True:
-        part = await reader.next()
+    # The url-encoded field cap applies to parts too (Werkzeug's max_form_parts is the
+    # same 1000): without it, empty parts cost memory and time the byte cap never sees.
+    max_parts = request.client_max_fields
+    for count in itertools.count(1):
+        with _malformed_is_400():
+            part = await reader.next()
         if part is None:
             return
+        if count > max_parts:
+            raise PayloadTooLarge(f"more than {max_parts} form parts")
+        if count % 64 == 0:
+            # Reading parts already buffered never suspends: without this, a body of
+            # many small parts held the event loop for its whole parse.
+            await asyncio.sleep(0)
         if not isinstance(part, BodyPartReader):
             raise BadRequest("nested multipart bodies are not supported")
         name, filename = part_names(part)
@@ -208,15 +237,17 @@ async def _read_multipart(request: web.Request, body: FormBody,
                 await _drain(part)
             continue
         raw = bytearray()
-        while chunk := await part.read_chunk(64 << 10):  # capped as it arrives
+        while chunk := await _read_chunk(part, 64 << 10):  # capped as it arrives
             text_bytes += len(chunk)
             if text_bytes > MAX_TEXT_FIELDS_BYTES:
                 raise PayloadTooLarge(
                     f"form fields larger than {MAX_TEXT_FIELDS_BYTES >> 20} MiB")
             raw += chunk
         charset = part.get_charset(default="utf-8")
+        with _malformed_is_400():
+            decoded = bytes(part.decode(bytes(raw)))
         try:
-            text = bytes(part.decode(bytes(raw))).decode(charset)
+            text = decoded.decode(charset)
         except (LookupError, UnicodeDecodeError):
             raise BadRequest({name: "not valid text"}) from None
         body.fields.setdefault(name, []).append(text)
@@ -237,8 +268,13 @@ def part_names(part: BodyPartReader) -> tuple[str, str | None]:
     return part.name or "", part.filename
 
 
+async def _read_chunk(part: BodyPartReader, size: int) -> bytes:
+    with _malformed_is_400():
+        return await part.read_chunk(size)
+
+
 async def _drain(part: BodyPartReader) -> None:
-    while await part.read_chunk(FEED_BYTES):
+    while await _read_chunk(part, FEED_BYTES):
         pass
 
 
@@ -254,7 +290,7 @@ async def _receive_zip(part: BodyPartReader, body: FormBody, new_upload: UploadF
     batch_bytes = 0
     try:
         while True:
-            chunk = await part.read_chunk(FEED_BYTES)
+            chunk = await _read_chunk(part, FEED_BYTES)
             if chunk:
                 received += len(chunk)
                 if received > max_upload_bytes:

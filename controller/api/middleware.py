@@ -85,6 +85,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     route_handler = getattr(match, "handler", None)
     if match.http_exception is not None or getattr(route_handler, "pfleet_public", False):
         return await handler(request)
-    # An empty header is a missing one, as in pfcon (`if not bearer_token`).
-    request.app[VERIFIER].check_header(request.headers.get("Authorization") or None)
+    # An empty header is a missing one, as in pfcon (`if not bearer_token`).  Repeated
+    # headers are joined as a WSGI server joins them for pfcon, which refuses the result
+    # (a proxy may have checked another one than the first).
+    header = ",".join(request.headers.getall("Authorization", ()))
+    request.app[VERIFIER].check_header(header or None)
     return await handler(request)

@@ -63,8 +63,10 @@ async def auth_token(request: web.Request) -> web.Response:
         raise UnsupportedMediaType("Did not attempt to load JSON data because the request "
                                    "Content-Type was not 'application/json'.")
     try:
-        body = json.loads(await request.text() or "null")
-    except (ValueError, UnicodeDecodeError):
+        # Bytes, as Flask reads them: a BOM or UTF-16/32 is detected, a charset
+        # parameter ignored (an unknown one is no 500).
+        body = json.loads(await request.read() or b"null")
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep
         raise BadRequest("Failed to decode JSON object: the request body is not valid JSON."
                          ) from None
     body = body if isinstance(body, dict) else {}

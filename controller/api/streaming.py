@@ -22,6 +22,9 @@ async def stream_zip(request: web.Request, root: Path, filename: str) -> web.Str
         "Content-Type": "application/zip",
         "Content-Disposition": f"attachment; filename={filename}"})
     await response.prepare(request)
+    if request.method == "HEAD":  # aiohttp would send what is written, even to a HEAD
+        await response.write_eof()
+        return response
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=4)
     cancelled = False

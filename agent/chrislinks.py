@@ -22,6 +22,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from agent.fstree import remove_tree
+
 __all__ = ["DEFAULT_MAX_ENTRIES", "LINK_SUFFIX", "MAX_LINK_DEPTH", "LinkError", "count_files",
            "expand_links", "link_target_parts"]
 
@@ -105,7 +107,7 @@ class _Expansion:
         for top in sorted(tops):
             path = self.root / top
             if _is_real_dir(path):
-                shutil.rmtree(path)
+                remove_tree(path)
         # links skipped inside a source that is kept (its top folder is itself a
         # target) would otherwise reach the plugin; no link ever survives expansion.
         # Without a source, the walk met every link and removed it: no second walk.

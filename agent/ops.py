@@ -28,12 +28,12 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import stat
 from pathlib import Path
 from typing import Any
 
 from agent.chrislinks import LinkError, expand_links
+from agent.fstree import remove_tree
 from agent.ops_fslink import CopyError, fetch_inputs
 
 __all__ = ["KEY_DIR", "OpError", "copy_inputs", "delete_key_dir", "run_op", "small_delete",
@@ -118,7 +118,7 @@ def _fresh_dir(path: Path) -> None:
     """Make ``path`` an empty directory (0755), whatever was there."""
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISDIR(os.lstat(path).st_mode):
-            shutil.rmtree(path)
+            remove_tree(path)
         else:
             os.unlink(path)
     os.mkdir(path, 0o755)
@@ -250,8 +250,8 @@ def delete_key_dir(storebase: Path, key_dir: str) -> str:
     if not target.exists():
         return f"{key_dir} already absent\n"
     errors: list[str] = []
-    shutil.rmtree(target, onerror=lambda _f, path, exc: errors.append(
-        f"{os.path.relpath(path, storebase)}: {getattr(exc[1], 'strerror', None) or exc[1]}"))
+    remove_tree(target, lambda path, exc: errors.append(
+        f"{os.path.relpath(path, storebase)}: {exc.strerror or exc}"))
     if errors:
         raise OpError("could not delete everything: " + "; ".join(errors[:5]))
     log.info("deleted key dir path=%s", target)

@@ -153,18 +153,21 @@ class _Fetch:
 
     def collect(self, prefix: Parts) -> None:
         """One input dir: walk it, then every link target reached from it (BFS)."""
-        visited: list[Parts] = []
+        # a set, each target's prefixes looked up: a list scanned per link made many
+        # links quadratic (10,000 took half a minute)
+        visited: set[Parts] = set()
         queue: collections.deque[tuple[Parts, Parts | None]] = collections.deque(
             [(prefix, None)])
         while queue:
             target, via = queue.popleft()
-            if any(target[:len(v)] == v for v in visited):
+            if any(target[:i] in visited for i in range(1, len(target) + 1)):
                 continue  # already collected (a loop, or inside a walked tree)
-            visited.append(target)
-            self._collect_target(target, prefix, via, queue)
+            visited.add(target)
+            self._collect_target(target, prefix, via, queue, visited)
 
     def _collect_target(self, target: Parts, prefix: Parts, via: Parts | None,
-                        queue: collections.deque[tuple[Parts, Parts | None]]) -> None:
+                        queue: collections.deque[tuple[Parts, Parts | None]],
+                        visited: set[Parts]) -> None:
         if self.exclude and target[:len(self.exclude)] == self.exclude:
             return
         kind = self._lookup(target)
@@ -177,6 +180,8 @@ class _Fetch:
             current = stack.pop()
             if self.exclude and current == self.exclude:
                 continue
+            if current != target and current in visited:
+                continue  # an earlier target's walk copied it (to the same place)
             try:
                 with os.scandir(os.path.join(self.root, *current)) as it:
                     entries = sorted(it, key=_BY_NAME)
@@ -263,6 +268,10 @@ class _Fetch:
             raise CopyError(f"cannot read ChRIS link {_show(rel)!r}: "
                             f"{exc.strerror or exc}") from None
         with os.fdopen(fd, "rb") as fh:
+            # swapped for a fifo or a device since the listing: a read could give
+            # None or never end
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CopyError(f"ChRIS link {_show(rel)!r} is not a regular file")
             raw = fh.read(MAX_LINK_SIZE + 1)
         if len(raw) > MAX_LINK_SIZE:
             raise CopyError(f"ChRIS link {_show(rel)!r} is larger than {MAX_LINK_SIZE} bytes")

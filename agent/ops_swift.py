@@ -492,21 +492,22 @@ def _outgoing_files(outgoing: Path) -> Iterator[tuple[str, Path]]:
         log.warning("nothing to upload: %s is not a directory", outgoing)
         return
 
-    def fail(exc: OSError) -> None:
-        raise SwiftOpError(f"cannot read the outputs: {exc.strerror}") from None
-
-    for top, dirs, files in os.walk(outgoing, onerror=fail, followlinks=False):
-        dirs.sort()
-        for filename in sorted(files):
-            path = Path(top, filename)
-            if filename.endswith(LINK_SUFFIX):
-                continue
-            try:
-                mode = os.lstat(path).st_mode
-            except OSError as exc:
-                raise SwiftOpError(f"cannot read the outputs: {exc.strerror}") from None
-            if not stat.S_ISREG(mode):  # symbolic links, fifos, sockets, devices
-                continue
+    # an explicit stack, not os.walk: Python 3.11's recurses once per level, and a
+    # plugin can write a tree deep enough to raise RecursionError
+    stack = [os.fspath(outgoing)]
+    while stack:
+        top = stack.pop()
+        try:
+            with os.scandir(top) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            subdirs = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+            files = [e for e in entries if not e.name.endswith(LINK_SUFFIX)
+                     and e.is_file(follow_symlinks=False)]  # no symlink, fifo, device
+        except OSError as exc:
+            raise SwiftOpError(f"cannot read the outputs: {exc.strerror}") from None
+        stack.extend(reversed(subdirs))
+        for entry in files:
+            path = Path(entry.path)
             rel = path.relative_to(outgoing).as_posix()
             try:
                 rel.encode("utf-8")
@@ -518,7 +519,8 @@ def _outgoing_files(outgoing: Path) -> Iterator[tuple[str, Path]]:
 def _upload(conns: _Connections, name: str, path: Path) -> None:
     settings = conns.settings
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a file swapped for a fifo since the listing must not block the open
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         raise SwiftOpError(f"cannot read output {name!r}: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as f:

@@ -35,4 +35,4 @@ def test_controller_imports_only_the_protocol_and_chrislinks_from_agent() -> Non
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "agent,agent.chrislinks,agent.protocol"
+    assert result.stdout.strip() == "agent,agent.chrislinks,agent.fstree,agent.protocol"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -124,13 +125,28 @@ def output_listing(config: Config, jid: str, job_output_path: str) -> dict[str, 
                 "rel_file_paths": list_outputs(outgoing, delete_chrislinks=False)}
     rel = strip_path(job_output_path)
     root = safe_join(config.storebase_mount, rel, field="job_output_path")
-    if not root.is_dir() or root.is_symlink():
+    if not _real_dir_below(config.storebase_mount, rel):
         return None
     if config.storage_env == "fslink":
         files = list_outputs(root, delete_chrislinks=True)
     else:  # filesystem does not filter link files (pfcon's behaviour)
         files = list_outputs(root, delete_chrislinks=False, skip_chrislinks=False)
     return {"job_output_path": rel, "rel_file_paths": files}
+
+
+def _real_dir_below(storebase: Path, rel: str) -> bool:
+    """Whether ``storebase/rel`` is a directory reached through no symbolic link: a
+    plugin-written link on the way would list (and, for fslink, delete link files in)
+    a directory outside the storage."""
+    path = os.fspath(storebase)
+    for part in (p for p in rel.split("/") if p not in ("", ".")):
+        path = os.path.join(path, part)
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                return False
+        except OSError:
+            return False
+    return os.path.isdir(path)
 
 
 def data_object(jid: str, nfiles: int, path: Path) -> dict[str, Any]:

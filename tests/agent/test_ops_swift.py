@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.chrislinks import expand_links
+from agent.fstree import remove_tree
 from agent.ops_swift import SwiftOpError, SwiftSettings, copy_from_swift, upload_to_swift
 from tests.support.swift import LISTING_LIMIT, SwiftService
 
@@ -335,6 +336,69 @@ def test_upload_skips_links_and_special_files(swift: object, settings: SwiftSett
     os.mkfifo(outgoing / "fifo")
     assert upload_to_swift(settings, outgoing, "out") == (len(files), 0)
     assert names(swift, settings.container) == {f"out/{k}": v for k, v in files.items()}
+
+
+def test_upload_of_a_tree_deeper_than_the_recursion_limit(swift: object,
+                                                          settings: SwiftSettings,
+                                                          tmp_path: Path) -> None:
+    # os.walk (Python 3.11) recursed per level: RecursionError, an "internal error"
+    outgoing = tmp_path / "outgoing"
+    files = make_outputs(outgoing)
+    fd = os.open(outgoing, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(1050):  # empty dirs a plugin can nest, relative to a descriptor
+        os.mkdir("d", dir_fd=fd)
+        sub = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = sub
+    os.close(fd)
+    try:
+        assert upload_to_swift(settings, outgoing, "out") == (len(files), 0)
+        assert names(swift, settings.container) == {f"out/{k}": v for k, v in files.items()}
+    finally:  # pytest's own clean-up (shutil.rmtree) would crash on it
+        remove_tree(outgoing / "d")
+
+
+def test_upload_of_a_file_swapped_for_a_fifo_does_not_block(
+        settings: SwiftSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that turns into a fifo after the listing: the open must not wait for a
+    writer.  Should it wait, a writer opened after a bound releases it, and the test
+    fails because a reader was waiting."""
+    import threading
+
+    from agent import ops_swift
+
+    outgoing = tmp_path / "outgoing"
+    make_outputs(outgoing)
+    listed = ops_swift._outgoing_files
+
+    def listing_then_swap(root: Path) -> Iterator[tuple[str, Path]]:
+        entries = list(listed(root))
+        os.unlink(outgoing / "a.txt")
+        os.mkfifo(outgoing / "a.txt")
+        yield from entries
+
+    monkeypatch.setattr(ops_swift, "_outgoing_files", listing_then_swap)
+    finished = threading.Event()
+    reader_waited: list[bool] = []
+
+    def release() -> None:
+        if finished.wait(20):
+            return
+        try:  # succeeds only if the upload is blocked opening the fifo for reading
+            os.close(os.open(outgoing / "a.txt", os.O_WRONLY | os.O_NONBLOCK))
+            reader_waited.append(True)
+        except OSError:
+            pass
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    try:
+        with pytest.raises(SwiftOpError, match=r"'out/a\.txt' is not a regular file"):
+            upload_to_swift(settings, outgoing, "out", workers=1)
+    finally:
+        finished.set()
+        releaser.join()
+    assert not reader_waited
 
 
 def test_upload_skips_objects_that_already_exist(swift: object, settings: SwiftSettings,

@@ -424,6 +424,24 @@ async def test_listing_of_missing_dir_is_generic_404(fs: Harness) -> None:
             400, {"message": "job_output_path: path 'home/../..' must not contain '..'"})
 
 
+async def test_listing_through_a_symlinked_ancestor_is_generic_404(fs: Harness,
+                                                                  tmp_path: Path) -> None:
+    # a symlink on the way (not only at the end) led outside the storeBase: its files
+    # were listed and its *.chrislink files deleted
+    outside = tmp_path / "outside" / "data"
+    outside.mkdir(parents=True)
+    (outside / "secret.txt").write_text("s")
+    (outside / "victim.chrislink").write_text("home/bob")
+    feed = fs.config.storebase_mount / "home/alice/feeds/feed_1"
+    feed.mkdir(parents=True)
+    os.symlink(outside.parent, feed / "pl-evil_3")
+    async with aiohttp.ClientSession(headers=fs.headers()) as s:
+        status, _, raw = await listing(s, fs, "ls-5",
+                                       "?job_output_path=home/alice/feeds/feed_1/pl-evil_3/data")
+    assert (status, json.loads(raw)) == (404, {"message": GENERIC_404})
+    assert sorted(os.listdir(outside)) == ["secret.txt", "victim.chrislink"]
+
+
 async def test_listing_shape_links_and_symlinks(fs: Harness) -> None:
     sb = fs.config.storebase_mount
     out = sb / OUT

@@ -1,4 +1,5 @@
-"""Removing a directory tree that untrusted code wrote, without recursion.
+"""Directory trees that untrusted code wrote: removing one without recursion, and
+finding a symbolic link on a path before a bind mount would follow it.
 
 ``shutil.rmtree`` (Python 3.11) recurses once per directory level, so a tree a few
 hundred levels deep, which any plugin can write, raises ``RecursionError`` and the
@@ -11,9 +12,10 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable
 
-__all__ = ["remove_tree"]
+__all__ = ["first_link", "remove_tree"]
 
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -131,3 +133,27 @@ def _empty_files(fd: int, frame: _Frame, where: Callable[[str], str], report: On
         except OSError as exc:
             frame.kept = True
             report(where(entry.name), exc)
+
+
+def first_link(root: str | os.PathLike[str], rel: str) -> str | None:
+    """The leading part of ``rel`` (relative to ``root``) that is a symbolic link, or
+    None.  The check stops at the first component that does not exist.
+
+    A bind mount (and any path walk) follows such a link wherever it points, so a
+    link that a plugin or user planted on the way to a storage path would otherwise
+    hand the container a directory outside the storage.
+    """
+    path = os.fspath(root)
+    walked: list[str] = []
+    for part in rel.split("/"):
+        if part in ("", "."):
+            continue
+        walked.append(part)
+        path = os.path.join(path, part)
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return None
+        if stat.S_ISLNK(mode):
+            return "/".join(walked)
+    return None

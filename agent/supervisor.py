@@ -30,6 +30,7 @@ from typing import Any
 
 from agent import protocol as p
 from agent.durable import DurableWriter
+from agent.fstree import first_link
 from agent.op_runner import ChildRef, OpRunner
 from agent.outbox import Outbox
 from agent.runtimes.base import Handle, JobRejected, JobStatus, Runtime, RuntimeUnavailable
@@ -238,6 +239,13 @@ class Supervisor:
 
     async def _start(self, tracked: Tracked) -> None:
         spec = tracked.spec
+        refusal = await asyncio.to_thread(self._mount_through_link, spec)
+        if refusal is not None:
+            log.warning("job rejected jid=%s name=%s reason=%s", spec.jid, spec.name, refusal)
+            await self._finish(tracked, p.Event(seq=0, job=spec.job, attempt=spec.attempt,
+                                                state="failed", message=refusal,
+                                                finished_at=now_rfc3339()))
+            return
         while self.active.get(spec.job) is tracked:
             try:
                 handle = await self.runtime.start(spec)
@@ -407,6 +415,17 @@ class Supervisor:
             except RuntimeUnavailable as exc:
                 log.info("runtime event stream ended error=%s", exc)
             await asyncio.sleep(self.poll_interval)
+
+    def _mount_through_link(self, spec: p.JobSpec) -> str | None:
+        """Why a mount of ``spec`` must not be made: a symbolic link on the way to its
+        source, which the engine would follow out of the storeBase (pfcon followed
+        it)."""
+        for mount in spec.mounts:
+            link = first_link(self.storebase_mount, mount.source)
+            if link is not None:
+                return (f"refusing to mount {mount.source!r} at {mount.target}: "
+                        f"{link!r} is a symbolic link")
+        return None
 
     def _record_path(self, job: str) -> Path:
         return self.jobs_dir / f"{job}.json"

@@ -15,10 +15,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
+from agent.fstree import first_link
 from agent.protocol import Mount
 from controller.config import Config
 from controller.storage.outputs import list_outputs
@@ -138,15 +138,7 @@ def _real_dir_below(storebase: Path, rel: str) -> bool:
     """Whether ``storebase/rel`` is a directory reached through no symbolic link: a
     plugin-written link on the way would list (and, for fslink, delete link files in)
     a directory outside the storage."""
-    path = os.fspath(storebase)
-    for part in (p for p in rel.split("/") if p not in ("", ".")):
-        path = os.path.join(path, part)
-        try:
-            if not stat.S_ISDIR(os.lstat(path).st_mode):
-                return False
-        except OSError:
-            return False
-    return os.path.isdir(path)
+    return first_link(storebase, rel) is None and (storebase / rel).is_dir()
 
 
 def data_object(jid: str, nfiles: int, path: Path) -> dict[str, Any]:

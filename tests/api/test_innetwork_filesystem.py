@@ -111,6 +111,25 @@ async def test_nfiles_of_missing_input_dir_is_zero(fsys: Harness) -> None:
             0, str(fsys.config.storebase_mount / "home/none"))
 
 
+async def test_an_output_dir_through_a_symlink_is_never_mounted(fsys: Harness,
+                                                                 tmp_path: Path) -> None:
+    sb = fsys.config.storebase_mount
+    (sb / IN).mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (sb / "home/alice/feeds/feed_1/pl-dircopy_1/pl-app_2").symlink_to(tmp_path / "outside")
+    async with aiohttp.ClientSession(headers=fsys.headers()) as s:
+        status, body = await post_innetwork_plugin(s, fsys, "fsp-link", input_dirs=[IN],
+                                                   output_dir=OUT)
+        assert status == 201, body
+        compute = await wait_status(s, fsys, "fsp-link")
+    assert compute["status"] == "finishedWithError"
+    assert compute["message"] == (
+        f"refusing to mount {OUT!r} at /share/outgoing: "
+        "'home/alice/feeds/feed_1/pl-dircopy_1/pl-app_2' is a symbolic link")
+    assert fsys.runtime is not None and "fsp-link" not in fsys.runtime._workloads
+    assert list((tmp_path / "outside").iterdir()) == []
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"drop": ["input_dirs", "output_dir"]}, "input_dirs: field is required"),
     ({"drop": ["input_dirs"], "output_dir": OUT}, "input_dirs: field is required"),

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from agent.fstree import remove_tree
 from controller.api.forms import PLUGIN_FIELDS, Field, normalize_jid, parse_fields, read_form
 from controller.api.middleware import CONFIG, GENERIC_NOT_FOUND, json_response
 from controller.api.pfcon import (
@@ -126,8 +126,8 @@ async def legacy_delete(request: web.Request) -> web.Response:
 def _remove_key_dir(key: Path) -> None:
     if key.is_symlink():
         key.unlink()
-    elif key.is_dir():
-        shutil.rmtree(key, ignore_errors=True)
+    elif key.is_dir():  # best effort, as pfcon's; no recursion (a plugin's tree may be deep)
+        remove_tree(key, lambda _path, _exc: None)
 
 
 @routes.get(f"{API}/{{jid}}/file/")

@@ -52,21 +52,25 @@ def plugin_mounts(storage: str, jid: str, input_dir: str | None,
 
 
 def count_input_files(storebase: Path, input_dir: str) -> int:
-    """``filesystem`` mode's ``nfiles``: regular files under the input dir (0 if absent)."""
+    """``filesystem`` mode's ``nfiles``: what ``os.walk`` counts as files under the
+    input dir (0 if absent), walked without recursion (a plugin's tree may be deep)."""
     root = safe_join(storebase, input_dir, field="input_dirs")
     total = 0
-    try:
-        for _dirpath, _dirs, files in os.walk(root, onerror=_raise):
-            total += len(files)
-    except OSError:
-        raise StorageError("input_dirs: Error accessing files from shared filesystem",
-                           field="input_dirs") from None
+    pending = [os.fspath(root)]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as entries:
+                for entry in entries:
+                    if not entry.is_dir():
+                        total += 1
+                    elif not entry.is_symlink():
+                        pending.append(entry.path)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            raise StorageError("input_dirs: Error accessing files from shared filesystem",
+                               field="input_dirs") from None
     return total
-
-
-def _raise(exc: OSError) -> None:
-    if not isinstance(exc, FileNotFoundError):
-        raise exc
 
 
 def prepare_swift_outputs(storebase: Path, jid: str) -> None:

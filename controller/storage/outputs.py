@@ -75,6 +75,16 @@ class _Drain:
         return data
 
 
+def _zip_name(rel: str) -> str:
+    """``rel`` as a zip can hold it: bytes that were not UTF-8 (kept by the file system
+    API as surrogate escapes, which zipfile cannot encode) become U+FFFD."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return rel
+
+
 def _zip_date(mtime: float) -> tuple[int, int, int, int, int, int]:
     """Clamp to the zip format's 1980..2107 range (containers often have mtime 0)."""
     date = time.localtime(mtime)[:6]
@@ -110,7 +120,7 @@ def zip_chunks(
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     continue
-                info = zipfile.ZipInfo(rel, _zip_date(st.st_mtime))
+                info = zipfile.ZipInfo(_zip_name(rel), _zip_date(st.st_mtime))
                 info.compress_type = zipfile.ZIP_DEFLATED
                 info._compresslevel = compresslevel  # ZipFile.open ignores the archive's
                 info.external_attr = (stat.S_IFREG | stat.S_IMODE(st.st_mode)) << 16

@@ -12,13 +12,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import shutil
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from agent.chrislinks import LinkError, count_files, expand_links
+from agent.fstree import remove_tree
 from agent.protocol import Mount
 from controller.storage.paths import StorageError, key_dir
 from controller.storage.zipstream import ZipStreamUnpacker
@@ -92,7 +92,7 @@ class ZipUpload:
         """Remove what is left of the upload (nothing after a successful stage)."""
         self._unpacker.close()
         if self._made:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            remove_tree(self.staging, _ignore)
             self._made = False
         if self._unpacker.spool_file_made:
             self.spool.unlink(missing_ok=True)
@@ -122,7 +122,7 @@ def stage_zip_inputs(storebase: Path, jid: str, upload: ZipUpload) -> dict[str, 
     try:
         incoming = key / "incoming"
         if not created_key and incoming.is_dir() and not incoming.is_symlink():
-            shutil.rmtree(incoming)  # a re-run replaces the inputs of the failed attempt
+            remove_tree(incoming)  # a re-run replaces the inputs of the failed attempt
         os.replace(staging, incoming)
         upload.moved()
         outgoing = key / "outgoing"
@@ -132,10 +132,14 @@ def stage_zip_inputs(storebase: Path, jid: str, upload: ZipUpload) -> dict[str, 
         outgoing.chmod(0o777)
     except BaseException:
         if created_key:
-            shutil.rmtree(key, ignore_errors=True)
+            remove_tree(key, _ignore)
         raise
     return {"jid": jid, "nfiles": nfiles, "timestamp": str(dt.datetime.now()),
             "path": str(key / "incoming")}
+
+
+def _ignore(_path: str, _exc: OSError) -> None:
+    """Best-effort removal (``remove_tree``'s on_error): what cannot go stays."""
 
 
 def plugin_mounts(jid: str) -> list[Mount]:
@@ -149,7 +153,7 @@ def prepare_upload_dirs(storebase: Path, spool_dir: Path) -> int:
     stale = [*_children(storebase / STAGING_DIR), *_children(spool_dir, SPOOL_PREFIX)]
     for path in stale:
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path, _ignore)
         else:
             path.unlink(missing_ok=True)
         log.warning("removed stale upload path=%s", path)

@@ -21,26 +21,9 @@ from agent.fstree import remove_tree
 from agent.op_worker import run as run_worker
 from agent.ops import run_op
 from agent.ops_fslink import CopyError, _Fetch
+from tests.support.trees import DEEPER_THAN_RECURSION, deep_tree, remove_deep_trees
 
-DEEPER_THAN_RECURSION = 1050  # Python's default limit is 1000 frames
 OUT = "home/alice/feeds/feed_1/pl-app_2/data"
-
-
-def deep_tree(root: Path, levels: int, name: str = "d") -> str:
-    """``levels`` nested dirs under root with a file at the bottom; its relative path."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(levels):
-            os.mkdir(name, dir_fd=fd)
-            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = sub
-        leaf = os.open("f.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-        os.write(leaf, b"bottom")
-        os.close(leaf)
-    finally:
-        os.close(fd)
-    return "/".join([name] * levels + ["f.txt"])
 
 
 def copy_op(*input_dirs: str, key: str = "key-j1") -> dict[str, Any]:
@@ -54,13 +37,9 @@ def worker(op: dict[str, Any], sb: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(autouse=True)
-def remove_deep_trees(tmp_path: Path) -> Iterator[None]:
-    """pytest removes old temporary dirs with shutil.rmtree, which a tree deeper than
-    the recursion limit crashes (the whole session then fails): remove them here."""
+def _remove_deep_trees(tmp_path: Path) -> Iterator[None]:
     yield
-    for entry in os.scandir(tmp_path):
-        if entry.is_dir(follow_symlinks=False):
-            remove_tree(entry.path)
+    remove_deep_trees(tmp_path)
 
 
 @pytest.fixture

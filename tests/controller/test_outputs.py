@@ -129,6 +129,19 @@ def test_zip_has_exactly_the_output_files(out: Path, tmp_path: Path) -> None:
     assert (out / "evil.chrislink").exists()  # zipping never deletes
 
 
+def test_a_name_that_is_not_utf8_does_not_cut_the_zip(tmp_path: Path) -> None:
+    root = tmp_path / "outgoing"
+    root.mkdir()
+    with open(os.fsencode(root) + b"/caf\xe9.txt", "wb") as fh:  # latin-1, as a plugin may
+        fh.write(b"one")
+    (root / "z.txt").write_bytes(b"two")
+    data = b"".join(zip_chunks(root))
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        assert zf.testzip() is None
+        assert sorted(zf.namelist()) == ["caf\ufffd.txt", "z.txt"]
+        assert zf.read("caf\ufffd.txt") == b"one"
+
+
 @pytest.mark.parametrize("missing", [False, True])
 def test_empty_outputs_give_a_valid_empty_zip(tmp_path: Path, missing: bool) -> None:
     root = tmp_path / "outgoing"

@@ -249,12 +249,72 @@ def encode(message: Message) -> str:
     return json.dumps(encode_dict(message), separators=(",", ":"))
 
 
+# Decode limits: a peer holding a valid token must not be able to stall the reader's
+# event loop or swell its memory with one frame.  json.loads runs in C holding the
+# GIL (no thread helps): a 32 MiB frame of "[{},{},...]" takes a second and ~800 MiB.
+# Strings and the separators ({ [ ,) outside them bound the number of values (an
+# inventory entry counts ~11); only frames longer than the limit are counted (~2 ms
+# per MiB).  Real messages stay far below: their bulk is one string (logs), whose
+# commas and brackets do not count; only a log holding a million quotes would.
+MAX_VALUES = 250_000
+MAX_DEPTH = 32  # copying (asdict) and re-encoding recurse: deep values would overflow
+INT64 = 1 << 63  # SQLite's INTEGER: a larger seq or attempt cannot even be compared
+
+
+def _values_over_limit(text: str) -> bool:
+    parts = text.split('"', 4 * MAX_VALUES)  # capped: a split of millions costs as much
+    if len(parts) > 4 * MAX_VALUES:  # so many quotes, even if most were escaped
+        return True
+    values, inside = 0, False
+    for part in parts:  # outside and inside strings, alternately
+        if not inside:
+            values += part.count("{") + part.count("[") + part.count(",")
+            inside = True
+        elif (len(part) - len(part.rstrip("\\"))) % 2 == 0:  # the quote is not escaped
+            values += 1
+            inside = False
+    return values > MAX_VALUES
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ProtocolError(f"not JSON: {name} is not a number")
+
+
+def _check_depth(data: Any, text: str) -> None:
+    """Refuse values nested deeper than MAX_DEPTH; skipped when the text has too
+    few brackets to reach it, so everyday messages pay nothing."""
+    if text.count("{") + text.count("[") <= MAX_DEPTH:
+        return
+    level: list[Any] = [data]
+    for _ in range(MAX_DEPTH):
+        deeper: list[Any] = []
+        for value in level:
+            if isinstance(value, dict):
+                deeper.extend(v for v in value.values() if isinstance(v, (dict, list)))
+            elif isinstance(value, list):
+                deeper.extend(v for v in value if isinstance(v, (dict, list)))
+        if not deeper:
+            return
+        level = deeper
+    raise ProtocolError(f"JSON nested deeper than {MAX_DEPTH}")
+
+
 def decode(text: str | bytes) -> Message:
     """Parse and validate one message; raise ``ProtocolError`` when it is not one."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode()
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(f"not JSON: {exc}") from exc
+    if len(text) > MAX_VALUES and _values_over_limit(text):
+        raise ProtocolError(f"more than {MAX_VALUES} JSON values")
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ProtocolError("JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"not JSON: {exc}") from exc
+    _check_depth(data, text)
     if not isinstance(data, dict):
         raise ProtocolError("a message must be a JSON object")
     kind = data.pop("type", None)
@@ -311,8 +371,18 @@ def _check_types(message: Message) -> None:
             continue
         ok = isinstance(value, allowed) and not (
             isinstance(value, bool) and bool not in allowed and int in allowed)
+        if ok and isinstance(value, (int, float)) and not -INT64 <= value < INT64:
+            ok = False  # also 1e999, which json reads as infinity
         if not ok:
             raise ProtocolError(f"{message.type}: field {f.name} has the wrong type")
+    # placement reads capacity values as integers: one bad value would fail every round
+    if isinstance(message, (Hello, Heartbeat)) and not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and -INT64 <= v < INT64
+            for v in message.capacity.values()):
+        raise ProtocolError(f"{message.type}: capacity values must be numbers")
+    if isinstance(message, Hello) and not all(
+            isinstance(v, str) for v in message.labels.values()):
+        raise ProtocolError("hello: label values must be strings")
     if isinstance(message, Event) and message.state not in EVENT_STATES:
         raise ProtocolError(f"event: unknown state {message.state!r}")
 

@@ -63,8 +63,9 @@ def create_app(config: Config) -> web.Application:
 async def _close_agent_links(app: web.Application) -> None:
     """Close the agents' WebSockets when shutdown starts (they reconnect): aiohttp would
     otherwise wait its whole shutdown timeout for these long-lived handlers."""
-    for ws in list(app[FLEET].sockets):
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"controller shutting down")
+    fleet = app[FLEET]
+    for ws in list(fleet.sockets):
+        await fleet.close_link(ws, WSCloseCode.GOING_AWAY, b"controller shutting down")
 
 
 @public

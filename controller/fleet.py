@@ -39,6 +39,11 @@ SUSPECT_AFTER_MISSED = 3
 HEARTBEAT_PERSIST_SECONDS = 30.0
 LOGS_CACHE_SECONDS = 2.0
 LOGS_REQUEST_TIMEOUT = 5.0
+# An agent that stops reading its link fills the socket buffers, and a send then waits
+# for room: past this the link is cut, so the dispatcher (which sends every run
+# message) is held at most this long by one agent.
+SEND_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 5.0  # for the close handshake, likewise
 
 
 @dataclass
@@ -49,18 +54,38 @@ class AgentSession:
     connected_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     heartbeat: p.Heartbeat | None = None
-    # answers awaited from the agent (logs, removals), by request id
-    pending: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
+    # answers awaited from the agent (logs, removals): request id -> (reply type, future)
+    pending: dict[str, tuple[type[p.Message], asyncio.Future[Any]]] = field(
+        default_factory=dict)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    transport: asyncio.BaseTransport | None = None
 
     async def send(self, message: p.Message) -> None:
-        async with self.send_lock:
-            await self.ws.send_str(p.encode(message))
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT), self.send_lock:
+                await self.ws.send_str(p.encode(message))
+        except TimeoutError:
+            log.warning("agent does not read its link, cutting it agent=%s", self.name)
+            if self.transport is not None:
+                self.transport.abort()
+            raise ConnectionResetError(f"agent {self.name} does not read") from None
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            # aiohttp's writers share one drain future: a close_link that timed out
+            # cancelled it under this send (the link is being cut)
+            raise ConnectionResetError(f"agent {self.name} link cut") from None
 
     def capacity(self) -> dict[str, Any]:
         if self.heartbeat is not None and self.heartbeat.capacity:
             return self.heartbeat.capacity
         return self.hello.capacity
+
+
+def _cancelling() -> bool:
+    """Whether the current task itself is being cancelled (not a future it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 @dataclass
@@ -96,7 +121,9 @@ class Fleet:
         self.config = config
         self.store = store
         self.sessions: dict[str, AgentSession] = {}
-        self.sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+        # every agent link (also those still before hello) -> its transport, to cut it
+        self.sockets: weakref.WeakKeyDictionary[
+            web.WebSocketResponse, asyncio.BaseTransport | None] = weakref.WeakKeyDictionary()
         self.disconnected_since: dict[str, float] = {}
         self.strategy: placement.Strategy = (
             "binpack" if config.placement == "binpack" else "spread")
@@ -128,7 +155,7 @@ class Fleet:
 
     async def stop(self) -> None:
         for ws in list(self.sockets):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"controller shutting down")
+            await self.close_link(ws, WSCloseCode.GOING_AWAY, b"controller shutting down")
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -157,38 +184,57 @@ class Fleet:
             raise Unauthorized(f"agent token for {name!r} is unknown or revoked")
         ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=32 << 20)
         await ws.prepare(request)
-        self.sockets.add(ws)
+        self.sockets[ws] = request.transport
         try:
             hello = await self._read_hello(ws, name)
         except (p.ProtocolError, TimeoutError) as exc:
             log.warning("agent refused agent=%s reason=%s", name, exc)
-            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=str(exc)[:120].encode())
+            await self.close_link(ws, WSCloseCode.POLICY_VIOLATION, str(exc)[:120].encode())
             return ws
-        session = AgentSession(name=name, ws=ws, hello=hello)
+        session = AgentSession(name=name, ws=ws, hello=hello, transport=request.transport)
         old = self.sessions.get(name)
         if old is not None:
-            await old.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"replaced")
+            await self.close_link(old.ws, WSCloseCode.POLICY_VIOLATION, b"replaced")
         self.sessions[name] = session
-        self.disconnected_since.pop(name, None)
-        hello_dict = p.encode_dict(hello)
-        await self.store.agent_seen(name, hello.found_by or "configured", hello_dict)
-        self._remember(name, hello_dict, hello.capacity)
-        await session.send(p.Welcome(version=p.PROTOCOL_VERSION,
-                                     heartbeat_interval=self.config.heartbeat_interval))
-        log.info("agent connected agent=%s runtime=%s found_by=%s", name, hello.runtime,
-                 hello.found_by)
-        self.kick()
+        # From here on a failure (the link dropping before welcome) must unregister
+        # the session: a stale one would be given jobs and never lose its lease.
         try:
+            self.disconnected_since.pop(name, None)
+            hello_dict = p.encode_dict(hello)
+            await self.store.agent_seen(name, hello.found_by or "configured", hello_dict)
+            self._remember(name, hello_dict, hello.capacity)
+            await session.send(p.Welcome(version=p.PROTOCOL_VERSION,
+                                         heartbeat_interval=self.config.heartbeat_interval))
+            log.info("agent connected agent=%s runtime=%s found_by=%s", name, hello.runtime,
+                     hello.found_by)
+            self.kick()
             await self._session_loop(session)
+        except ConnectionResetError:
+            pass
         finally:
             if self.sessions.get(name) is session:
                 del self.sessions[name]
                 self.disconnected_since[name] = time.monotonic()
                 log.info("agent disconnected agent=%s", name)
-            for fut in session.pending.values():
+            for _kind, fut in session.pending.values():
                 if not fut.done():
                     fut.set_exception(ConnectionResetError(f"agent {name} disconnected"))
         return ws
+
+    async def close_link(self, ws: web.WebSocketResponse, code: int, message: bytes) -> None:
+        """Close an agent's link; one that does not read, or does not answer the close,
+        is cut: it must not hold a revocation, a replacement or the shutdown."""
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await ws.close(code=code, message=message)
+        except (TimeoutError, asyncio.CancelledError):
+            if _cancelling():
+                raise
+            # timed out, or a send that timed out cancelled the drain future it shares
+            transport = self.sockets.get(ws)
+            log.warning("agent link did not close in time, cut it")
+            if transport is not None:
+                transport.abort()
 
     async def _read_hello(self, ws: web.WebSocketResponse, name: str) -> p.Hello:
         msg = await ws.receive(timeout=15.0)
@@ -207,6 +253,8 @@ class Fleet:
     async def _session_loop(self, session: AgentSession) -> None:
         async for msg in session.ws:
             if msg.type != WSMsgType.TEXT:
+                log.warning("bad message agent=%s error=not a text frame (%s)", session.name,
+                            msg.type.name)
                 continue
             session.last_seen = time.monotonic()
             try:
@@ -231,8 +279,11 @@ class Fleet:
         elif isinstance(message, p.Inventory):
             await self._reconcile(session, message)
         elif isinstance(message, (p.LogsReply, p.RemoveReply)):
-            fut = session.pending.pop(message.request, None)
-            if fut is not None and not fut.done():
+            kind, fut = session.pending.get(message.request, (None, None))
+            if fut is None or kind is not type(message):
+                log.info("reply to no request of this agent agent=%s type=%s",
+                         session.name, message.type)
+            elif not fut.done():
                 fut.set_result(message)
         else:
             log.warning("unexpected message agent=%s type=%s", session.name, message.type)
@@ -285,7 +336,10 @@ class Fleet:
         else:  # removed: the workload is gone on request; nothing to record
             state = None
         if state is not None:
-            job = await self.store.apply_event(ev.job, ev.attempt, state, **values)
+            # only the agent the job is placed on may move it (an agent's token
+            # says who it is, not which jobs it runs)
+            job = await self.store.apply_event(ev.job, ev.attempt, state,
+                                               agent=session.name, **values)
             if job is None:
                 log.debug("event fenced off agent=%s job=%s attempt=%s state=%s",
                           session.name, ev.job, ev.attempt, ev.state)
@@ -440,7 +494,8 @@ class Fleet:
         """Send a request and wait for the agent's reply to it.  Raises TimeoutError,
         or ConnectionResetError when the link closes meanwhile."""
         fut: asyncio.Future[p.Message] = asyncio.get_running_loop().create_future()
-        session.pending[message.request] = fut
+        reply = p.LogsReply if isinstance(message, p.LogsRequest) else p.RemoveReply
+        session.pending[message.request] = (reply, fut)
         try:
             await session.send(message)
             return await asyncio.wait_for(fut, within)

@@ -311,16 +311,17 @@ class Store:
             (State.QUEUED.value, message, time.time(), job_id, attempt, State.ASSIGNED.value))
         return cur.rowcount == 1
 
-    async def apply_event(self, job_id: str, attempt: int, state: State,
-                          **values: Any) -> JobRow | None:
+    async def apply_event(self, job_id: str, attempt: int, state: State, *,
+                          agent: str | None = None, **values: Any) -> JobRow | None:
         """Move the current attempt of a live (non-terminal) job to ``state``.
 
         Returns the updated job, or None when fencing refused the change: the
-        attempt is not the current one, or the job already reached a final state.
+        attempt is not the current one, the job already reached a final state, or
+        (``agent`` given: the sender of an event) the job is not placed on ``agent``.
         """
-        return await self._run(self._apply_event, job_id, attempt, state, values)
+        return await self._run(self._apply_event, job_id, attempt, state, agent, values)
 
-    def _apply_event(self, job_id: str, attempt: int, state: State,
+    def _apply_event(self, job_id: str, attempt: int, state: State, agent: str | None,
                      values: dict[str, Any]) -> JobRow | None:
         self._forget(job_id)
         allowed = {"message", "started_at", "finished_at", "exit_code", "logs"}
@@ -332,8 +333,10 @@ class Store:
         cur = self.db.execute(
             f"UPDATE jobs SET state = ?, updated_at = ?{', ' + sets if sets else ''} "
             f"WHERE id = ? AND attempt = ? AND state NOT IN ({', '.join('?' * len(terminal))})"
-            + (" AND state != 'RUNNING'" if state is State.RUNNING else ""),
-            (state.value, time.time(), *values.values(), job_id, attempt, *terminal))
+            + (" AND state != 'RUNNING'" if state is State.RUNNING else "")
+            + (" AND agent = ?" if agent is not None else ""),
+            (state.value, time.time(), *values.values(), job_id, attempt, *terminal,
+             *((agent,) if agent is not None else ())))
         if cur.rowcount != 1:
             return None
         return self._get(job_id)

@@ -94,7 +94,7 @@ async def revoke_agent_tokens(request: web.Request) -> web.Response:
         raise NotFound(f"no active token for agent {name!r}")
     session = request.app[FLEET].sessions.get(name)
     if session is not None:
-        await session.ws.close(code=4001, message=b"token revoked")
+        await request.app[FLEET].close_link(session.ws, 4001, b"token revoked")
     return json_response(request, {"name": name, "revoked": count})
 
 

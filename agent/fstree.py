@@ -15,7 +15,7 @@ import os
 import stat
 from collections.abc import Callable
 
-__all__ = ["first_link", "remove_tree"]
+__all__ = ["first_link", "ignore", "remove_tree"]
 
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -36,6 +36,10 @@ class _Frame:
 
 def _raise(_path: str, exc: OSError) -> None:
     raise exc
+
+
+def ignore(_path: str, _exc: OSError) -> None:
+    """``on_error`` for a best-effort removal: what cannot be removed stays."""
 
 
 def remove_tree(path: str | os.PathLike[str], on_error: OnError | None = None) -> None:

@@ -4,7 +4,8 @@
 #   1. system packages (root on Debian): docker.io podman busybox-static iproute2 util-linux
 #      util-linux-extra (fincore, for the copy tests' page-cache checks)
 #      memcached (for the test suite's OpenStack Swift), slurm-wlm munge charliecloud-runtime
-#      (the SLURM agent's tests), debootstrap (the Ansible tests' host image)
+#      (the SLURM agent's tests), debootstrap (the Ansible tests' host image), openssl (the
+#      TLS tests make their certificates with the README's openssl commands)
 #      (+ python3/python3-venv when there is no usable Python 3.11 or no Debian python3.11,
 #      which the test image is made from)
 #   2. .venv with `pip install -e '.[test]'`, redone only when pyproject.toml is newer than
@@ -28,7 +29,8 @@ python_ok() {
 
 # ---- 1. system packages -------------------------------------------------------------
 missing=()
-for cmd in dockerd podman ip nsenter fincore memcached slurmctld munged ch-run debootstrap; do
+for cmd in dockerd podman ip nsenter fincore memcached slurmctld munged ch-run debootstrap \
+           openssl; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
 done
 # The test images need a *static* busybox (the plain busybox package is dynamic).
@@ -36,7 +38,7 @@ if [ ! -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then
     missing+=(busybox-static)
 fi
 packages=(docker.io podman busybox-static iproute2 util-linux util-linux-extra memcached
-          slurm-wlm munge charliecloud-runtime debootstrap)
+          slurm-wlm munge charliecloud-runtime debootstrap openssl)
 if [ ! -x /usr/bin/python3.11 ]; then
     missing+=(/usr/bin/python3.11)
     packages+=(python3)

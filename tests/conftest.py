@@ -25,6 +25,7 @@ from controller.auth import issue_agent_token, issue_client_token
 from controller.config import Config
 from controller.fleet import FLEET
 from controller.store import STORE
+from tests.support.slow_callbacks import SlowCallbacks, debug_loop_settings
 
 pytest_plugins = ["tests.support.engines", "tests.support.swift", "tests.support.topology",
                   "tests.support.kmock_server", "tests.support.swarm", "tests.support.slurm"]
@@ -38,15 +39,9 @@ _ENV_PREFIXES = ("PFLEET_", "PFCON_", "STORAGE_ENV", "STOREBASE", "SECRET_KEY", 
 
 
 # Every event loop of the suite runs in debug mode, and a callback that holds the loop
-# longer than this fails the test that ran it (DESIGN §10: the loop never blocks).
-SLOW_CALLBACK_SECONDS = 0.5  # generous: a loaded 2-core CI machine must not flake
-
-
+# longer than SLOW_CALLBACK_SECONDS fails the test that ran it.
 def _debug_loop() -> asyncio.AbstractEventLoop:
-    loop = asyncio.new_event_loop()
-    loop.set_debug(True)
-    loop.slow_callback_duration = SLOW_CALLBACK_SECONDS
-    return loop
+    return debug_loop_settings(asyncio.new_event_loop())
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config,
@@ -54,23 +49,11 @@ def pytest_asyncio_loop_factories(config: pytest.Config,
     return {"debug": _debug_loop}
 
 
-class _SlowCallbacks(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.seen: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        # A test body or fixture may block (it drives engines with the synchronous
-        # SDK); the product's own callbacks and tasks may not.
-        if (message.startswith("Executing ") and " took " in message
-                and "coro=<test_" not in message and "_fixture" not in message):
-            self.seen.append(message)
-
-
 @pytest.fixture(autouse=True)
 def no_slow_callbacks() -> Iterator[None]:
-    handler = _SlowCallbacks()
+    # A test body or fixture may block (it drives engines with the synchronous SDK);
+    # the product's own callbacks and tasks may not.
+    handler = SlowCallbacks(ignore=("coro=<test_", "_fixture"))
     asyncio_log = logging.getLogger("asyncio")
     asyncio_log.addHandler(handler)
     try:

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.fstree import remove_tree
+from agent.fstree import ignore, remove_tree
 from controller.api.forms import PLUGIN_FIELDS, Field, normalize_jid, parse_fields, read_form
 from controller.api.middleware import CONFIG, GENERIC_NOT_FOUND, json_response
 from controller.api.pfcon import (
@@ -127,7 +127,7 @@ def _remove_key_dir(key: Path) -> None:
     if key.is_symlink():
         key.unlink()
     elif key.is_dir():  # best effort, as pfcon's; no recursion (a plugin's tree may be deep)
-        remove_tree(key, lambda _path, _exc: None)
+        remove_tree(key, ignore)
 
 
 @routes.get(f"{API}/{{jid}}/file/")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.chrislinks import LinkError, count_files, expand_links
-from agent.fstree import remove_tree
+from agent.fstree import ignore, remove_tree
 from agent.protocol import Mount
 from controller.storage.paths import StorageError, key_dir
 from controller.storage.zipstream import ZipStreamUnpacker
@@ -92,7 +92,7 @@ class ZipUpload:
         """Remove what is left of the upload (nothing after a successful stage)."""
         self._unpacker.close()
         if self._made:
-            remove_tree(self.staging, _ignore)
+            remove_tree(self.staging, ignore)
             self._made = False
         if self._unpacker.spool_file_made:
             self.spool.unlink(missing_ok=True)
@@ -132,14 +132,10 @@ def stage_zip_inputs(storebase: Path, jid: str, upload: ZipUpload) -> dict[str, 
         outgoing.chmod(0o777)
     except BaseException:
         if created_key:
-            remove_tree(key, _ignore)
+            remove_tree(key, ignore)
         raise
     return {"jid": jid, "nfiles": nfiles, "timestamp": str(dt.datetime.now()),
             "path": str(key / "incoming")}
-
-
-def _ignore(_path: str, _exc: OSError) -> None:
-    """Best-effort removal (``remove_tree``'s on_error): what cannot go stays."""
 
 
 def plugin_mounts(jid: str) -> list[Mount]:
@@ -153,7 +149,7 @@ def prepare_upload_dirs(storebase: Path, spool_dir: Path) -> int:
     stale = [*_children(storebase / STAGING_DIR), *_children(spool_dir, SPOOL_PREFIX)]
     for path in stale:
         if path.is_dir() and not path.is_symlink():
-            remove_tree(path, _ignore)
+            remove_tree(path, ignore)
         else:
             path.unlink(missing_ok=True)
         log.warning("removed stale upload path=%s", path)

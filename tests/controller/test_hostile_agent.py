@@ -11,7 +11,7 @@ import asyncio
 import json
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +135,33 @@ async def wait_state(store: Store, job_id: str, state: State) -> JobRow:
     raise AssertionError(f"job {job_id} stayed {job.state}, expected {state}")
 
 
+async def until(check: Callable[[], bool], failure: str, tries: int = 250) -> None:
+    """Wait (bounded: ``tries`` x 20 ms) until ``check()`` holds."""
+    for _ in range(tries):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(failure)
+
+
+async def queue_runs_it_will_not_read(ctl: Controller) -> None:
+    """Run messages of ~8 MiB in all for an agent that never reads them."""
+    for _ in range(32):
+        await add_job(ctl.store, env=["PAD=" + "x" * (256 << 10)])
+    ctl.fleet.kick()
+
+
+async def assert_a_good_agent_gets_work(ctl: Controller) -> None:
+    """The dispatcher still places jobs: a well-behaved agent runs the next one."""
+    _agent, _runtime, good = await start_fake_agent(ctl.config, ctl.server, ctl.tmp_path)
+    try:
+        job = await add_job(ctl.store)
+        ctl.fleet.kick()
+        assert (await wait_state(ctl.store, job.id, State.COMPLETE)).agent == "fake1"
+    finally:
+        await stop_task(good)
+
+
 async def test_events_for_jobs_it_does_not_run_change_nothing(
         ctl: Controller, http: aiohttp.ClientSession) -> None:
     _agent, _runtime, good = await start_fake_agent(ctl.config, ctl.server, ctl.tmp_path)
@@ -169,20 +196,11 @@ async def test_link_dropped_right_after_hello_leaves_no_session(
             "Authorization": f"Bearer {await token_for(ctl, 'mallory')}"})
         await ws.send_str(json.dumps(hello("mallory", HUGE)))
         ws._writer.transport.abort()  # gone before the welcome can be sent
-        for _ in range(250):
-            if "mallory" not in ctl.fleet.sessions and "mallory" in ctl.fleet.disconnected_since:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError(f"a dead link stayed a session (try {attempt})")
+        await until(lambda: "mallory" not in ctl.fleet.sessions
+                    and "mallory" in ctl.fleet.disconnected_since,
+                    f"a dead link stayed a session (try {attempt})")
     # Jobs are not placed on the dead link: the next agent gets them.
-    _agent, _runtime, good = await start_fake_agent(ctl.config, ctl.server, ctl.tmp_path)
-    try:
-        job = await add_job(ctl.store)
-        ctl.fleet.kick()
-        assert (await wait_state(ctl.store, job.id, State.COMPLETE)).agent == "fake1"
-    finally:
-        await stop_task(good)
+    await assert_a_good_agent_gets_work(ctl)
 
 
 BAD_FRAMES: list[str | bytes] = [
@@ -230,14 +248,7 @@ async def test_bad_messages_are_dropped_and_the_link_stays_up(
                for r in caplog.records)
     assert not [r for r in caplog.records if r.exc_info]  # no stack traces
     assert ctl.fleet.sessions["mallory"].heartbeat is None  # no bad heartbeat was kept
-    # Placement still works for everyone.
-    _agent, _runtime, good = await start_fake_agent(ctl.config, ctl.server, ctl.tmp_path)
-    try:
-        job = await add_job(ctl.store)
-        ctl.fleet.kick()
-        assert (await wait_state(ctl.store, job.id, State.COMPLETE)).agent == "fake1"
-    finally:
-        await stop_task(good)
+    await assert_a_good_agent_gets_work(ctl)  # placement still works for everyone
     await ws.close()
 
 
@@ -293,23 +304,10 @@ async def test_an_agent_that_stops_reading_is_cut_off(
     connector = aiohttp.TCPConnector(socket_factory=small_window)
     async with aiohttp.ClientSession(connector=connector) as http:
         ws = await dial(ctl, http, "mallory", HUGE)
-        # Run messages of ~8 MiB in all, which mallory never reads.
-        for _ in range(32):
-            await add_job(ctl.store, env=["PAD=" + "x" * (256 << 10)])
-        ctl.fleet.kick()
-        for _ in range(500):
-            if "mallory" not in ctl.fleet.sessions:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("a link nobody reads held the dispatcher")
-        _agent, _runtime, good = await start_fake_agent(ctl.config, ctl.server, ctl.tmp_path)
-        try:
-            job = await add_job(ctl.store)
-            ctl.fleet.kick()
-            assert (await wait_state(ctl.store, job.id, State.COMPLETE)).agent == "fake1"
-        finally:
-            await stop_task(good)
+        await queue_runs_it_will_not_read(ctl)
+        await until(lambda: "mallory" not in ctl.fleet.sessions,
+                    "a link nobody reads held the dispatcher", tries=500)
+        await assert_a_good_agent_gets_work(ctl)
         ws._writer.transport.abort()
 
 
@@ -320,34 +318,19 @@ async def test_revoking_an_agent_that_does_not_read_cuts_its_link(
     connector = aiohttp.TCPConnector(socket_factory=small_window)
     async with aiohttp.ClientSession(connector=connector) as http:
         ws = await dial(ctl, http, "mallory", HUGE)
-        for _ in range(32):
-            await add_job(ctl.store, env=["PAD=" + "x" * (256 << 10)])
-        ctl.fleet.kick()
+        await queue_runs_it_will_not_read(ctl)
         session = ctl.fleet.sessions["mallory"]
-        for _ in range(500):
-            if session.send_lock.locked():  # a send waits for room: the dispatcher is held
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("the controller's buffers never filled up")
+        # a send waits for room: the dispatcher is held
+        await until(session.send_lock.locked, "the controller's buffers never filled up",
+                    tries=500)
         async with http.delete(
                 f"http://127.0.0.1:{ctl.server.port}/api/v1/agents/mallory/tokens/",
                 headers={"Authorization": f"Bearer {issue_client_token(ctl.config)}"},
                 timeout=aiohttp.ClientTimeout(total=30)) as resp:
             assert resp.status == 200, await resp.text()
-        for _ in range(250):
-            if "mallory" not in ctl.fleet.sessions:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("the revoked agent kept its session")
-        _agent, _runtime, good = await start_fake_agent(ctl.config, ctl.server, ctl.tmp_path)
-        try:
-            job = await add_job(ctl.store)
-            ctl.fleet.kick()
-            assert (await wait_state(ctl.store, job.id, State.COMPLETE)).agent == "fake1"
-        finally:
-            await stop_task(good)
+        await until(lambda: "mallory" not in ctl.fleet.sessions,
+                    "the revoked agent kept its session")
+        await assert_a_good_agent_gets_work(ctl)
         ws._writer.transport.abort()
 
 

@@ -25,23 +25,10 @@ from agent.config import load_agent_config
 from agent.protocol import JobSpec
 from agent.runtimes import create_runtime
 from agent.runtimes.docker import DockerRuntime
+from tests.support.slow_callbacks import SlowCallbacks, debug_loop_settings
 
 POLL = 0.1
 WITHIN = 30.0  # seconds the job may take to exit, and its event to arrive
-SLOW_CALLBACK_SECONDS = 0.5
-
-
-class _SlowCallbacks(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.seen: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("Executing ") and " took " in message:
-            self.seen.append(message)
-
-
 async def _job(runtime: DockerRuntime, image: str) -> dict[str, Any]:
     name = f"pfleet-tls-{uuid.uuid4().hex[:10]}"
     spec = JobSpec(job=f"job-{name}", attempt=1, name=name, jid=name, kind="plugin",
@@ -88,11 +75,9 @@ async def _job(runtime: DockerRuntime, image: str) -> dict[str, Any]:
 
 
 async def main(scenario: str, image: str) -> dict[str, Any]:
-    slow = _SlowCallbacks()
+    slow = SlowCallbacks()
     logging.getLogger("asyncio").addHandler(slow)
-    loop = asyncio.get_running_loop()
-    loop.set_debug(True)
-    loop.slow_callback_duration = SLOW_CALLBACK_SECONDS
+    debug_loop_settings(asyncio.get_running_loop())
     runtime = create_runtime(load_agent_config())
     if not isinstance(runtime, DockerRuntime):
         raise SystemExit(f"CONTAINER_ENV made a {type(runtime).__name__}, not a DockerRuntime")

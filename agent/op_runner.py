@@ -67,7 +67,7 @@ from agent.ops import small_delete
 from agent.protocol import JobSpec
 
 __all__ = ["OOM_EXIT_CODE", "RLIMIT_FLOOR_MIB", "ChildRef", "OpResult", "OpRunner",
-           "process_start_time"]
+           "detect_cgroups", "process_start_time", "set_cpu_quota", "set_memory_limit"]
 
 log = logging.getLogger("pfleet.agent.op_runner")
 
@@ -243,7 +243,7 @@ def _enable_v2(directory: Path, ctrl: str) -> None:
         _write(directory / "cgroup.subtree_control", f"+{ctrl}")
 
 
-def _set_memory(leaf: Path, version: int, limit: int) -> None:
+def set_memory_limit(leaf: Path, version: int, limit: int) -> None:
     """A hard memory limit, swap included where the kernel accounts it."""
     if version == 1:
         memsw = leaf / "memory.memsw.limit_in_bytes"
@@ -260,7 +260,8 @@ def _set_memory(leaf: Path, version: int, limit: int) -> None:
             _write(leaf / "memory.swap.max", "0")
 
 
-def _set_cpu(leaf: Path, version: int, millicores: int) -> None:
+def set_cpu_quota(leaf: Path, version: int, millicores: int) -> None:
+    """A CFS quota of ``millicores`` (1000 = one CPU)."""
     quota = max(MIN_CPU_QUOTA_US, millicores * CPU_PERIOD_US // 1000)
     if version == 1:
         _write(leaf / "cpu.cfs_period_us", str(CPU_PERIOD_US))
@@ -579,7 +580,7 @@ class OpRunner:
         if spec.memory_limit > 0 and "memory" in hierarchies:
             try:
                 leaf = self._make_leaf(hierarchies["memory"], spec, "memory")
-                _set_memory(leaf, hierarchies["memory"].version, spec.memory_limit * MIB)
+                set_memory_limit(leaf, hierarchies["memory"].version, spec.memory_limit * MIB)
                 procs.append(os.fspath(leaf / "cgroup.procs"))
                 memory_cgroup = True
             except OSError as exc:
@@ -591,7 +592,7 @@ class OpRunner:
         if spec.cpu_limit > 0 and "cpu" in hierarchies:
             try:
                 leaf = self._make_leaf(hierarchies["cpu"], spec, "cpu")
-                _set_cpu(leaf, hierarchies["cpu"].version, spec.cpu_limit)
+                set_cpu_quota(leaf, hierarchies["cpu"].version, spec.cpu_limit)
                 if os.fspath(leaf / "cgroup.procs") not in procs:
                     procs.append(os.fspath(leaf / "cgroup.procs"))
             except OSError as exc:

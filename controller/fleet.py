@@ -38,6 +38,10 @@ log = logging.getLogger("pfleet.controller.fleet")
 SUSPECT_AFTER_MISSED = 3
 HEARTBEAT_PERSIST_SECONDS = 30.0
 LOGS_CACHE_SECONDS = 2.0
+# a cached tail not refreshed for this long belongs to a job no longer polled (finished
+# by a lease, deleted, ...): the watchdog drops it, so the cache stays as small as the
+# set of running jobs someone is watching
+LOGS_CACHE_FORGET = 60.0
 LOGS_REQUEST_TIMEOUT = 5.0
 # An agent that stops reading its link fills the socket buffers, and a send then waits
 # for room: past this the link is cut, so the dispatcher (which sends every run
@@ -543,10 +547,19 @@ class Fleet:
         interval = max(0.5, min(self.config.heartbeat_interval, 5.0))
         while True:
             await asyncio.sleep(interval)
+            self.forget_stale_logs()
             try:
                 await self.expire_leases()
             except Exception:
                 log.exception("lease check failed")
+
+    def forget_stale_logs(self, now: float | None = None) -> int:
+        """Drop cached log tails not refreshed for LOGS_CACHE_FORGET; returns how many."""
+        cutoff = (time.monotonic() if now is None else now) - LOGS_CACHE_FORGET
+        stale = [job_id for job_id, cached in self._logs.items() if cached.fetched < cutoff]
+        for job_id in stale:
+            del self._logs[job_id]
+        return len(stale)
 
     async def expire_leases(self) -> int:
         """Mark the jobs of agents gone longer than the lease LOST; returns how many."""

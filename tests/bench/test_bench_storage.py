@@ -56,7 +56,7 @@ from typing import Any
 
 import pytest
 
-from agent.op_runner import OpRunner
+from agent.op_runner import OpRunner, detect_cgroups, set_cpu_quota, set_memory_limit
 from agent.ops import run_op
 from agent.protocol import JobSpec
 from tests.bench.helpers import (
@@ -476,6 +476,33 @@ def make_fslink_data(storebase: Path) -> list[FslinkCase]:
     return cases
 
 
+@contextlib.contextmanager
+def job_cgroups(name: str) -> Iterator[list[Path]]:
+    """Fresh cgroup v1 leaves (memory, cpu) with the copy job's limits, below this
+    process's own; yields their ``cgroup.procs`` files and removes the leaves after."""
+    hierarchies = detect_cgroups()
+    leaves: list[Path] = []
+    try:
+        for ctrl in ("memory", "cpu"):
+            h = hierarchies.get(ctrl)
+            if h is None or h.version != 1:
+                raise JobFailed(f"no cgroup v1 {ctrl} hierarchy: cannot limit cp like the job")
+            leaf = h.own / name
+            if leaf in leaves:
+                continue  # memory and cpu mounted together
+            leaf.mkdir()
+            leaves.append(leaf)
+            if ctrl == "memory":
+                set_memory_limit(leaf, 1, MEMORY_LIMIT * MIB)
+            else:
+                set_cpu_quota(leaf, 1, CPU_LIMIT)
+        yield [leaf / "cgroup.procs" for leaf in leaves]
+    finally:
+        for leaf in reversed(leaves):
+            with contextlib.suppress(OSError):
+                leaf.rmdir()  # cp has exited: the leaf is empty
+
+
 class FslinkBench:
     def __init__(self, deployment: BenchDeployment, scratch: Path) -> None:
         self.deployment = deployment
@@ -485,12 +512,19 @@ class FslinkBench:
         self.limited = OpRunner(scratch / "runner-limited", self.storebase)
         self.unlimited = OpRunner(scratch / "runner-unlimited", self.storebase,
                                   enforce_limits=False)  # fmt: skip
+        # one loop for every OpRunner call: each keeps its fork server (and its reader
+        # task) across runs, as the agent does; a loop per run would start a new one
+        self.loop = asyncio.Runner()
         self.results = FslinkResults()
         self.counter = 0
         self.can_drop = drop_caches()
 
     def close(self) -> None:
         self.http.close()
+        with contextlib.suppress(Exception):
+            self.loop.run(self.limited.close())
+            self.loop.run(self.unlimited.close())
+        self.loop.close()
 
     def _jid(self, tag: str) -> str:
         self.counter += 1
@@ -509,12 +543,25 @@ class FslinkBench:
     # -- the variants: each returns seconds, checks its output, leaves it for cleanup
 
     def cp(self, case: FslinkCase, cache: str) -> tuple[float, Path]:
-        dst = self.scratch / self._jid("cp-dst")
+        return self._cp(case, cache, "cp-dst", [])
+
+    def cp_limited(self, case: FslinkCase, cache: str) -> tuple[float, Path]:
+        with job_cgroups(f"bench-cp-{os.getpid()}-{self.counter}") as procs:
+            return self._cp(case, cache, "cp-lim-dst", procs)
+
+    def _cp(self, case: FslinkCase, cache: str, tag: str,
+            procs: list[Path]) -> tuple[float, Path]:  # fmt: skip
+        """``cp -r``; with ``procs``, started inside those cgroups (a shell joins them
+        and execs cp, so cp's every page is charged there from the start)."""
+        dst = self.scratch / self._jid(tag)
         src = self.storebase / case.rel
         self._prepare(src, cache)
+        argv = ["cp", "-r", str(src), str(dst)]
+        if procs:
+            joins = "".join(f'echo $$ > "{p}" && ' for p in procs)
+            argv = ["sh", "-c", f'{joins}exec "$@"', "sh", *argv]
         t0 = time.monotonic()
-        run = subprocess.run(["cp", "-r", str(src), str(dst)], capture_output=True,
-                             text=True, timeout=JOB_TIMEOUT)  # fmt: skip
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=JOB_TIMEOUT)
         took = time.monotonic() - t0
         if run.returncode != 0:
             raise JobFailed(f"cp -r: {run.stderr[-300:]}")
@@ -543,7 +590,7 @@ class FslinkBench:
         self._prepare(self.storebase / case.rel, cache)
         with WorkerWatch(os.getpid()) as watch:
             t0 = time.monotonic()
-            result = asyncio.run(runner.run(spec))
+            result = self.loop.run(runner.run(spec))
             took = time.monotonic() - t0
         runner.forget(spec)
         if result.exit_code != 0:
@@ -577,6 +624,7 @@ class FslinkBench:
 
 VARIANTS: dict[str, str] = {
     "cp": "cp -r",
+    "cp_limited": "cp -r under the job's cgroup limits",
     "job": "copy job, client view",
     "runner_limited": "OpRunner child, job limits",
     "runner_unlimited": "OpRunner child, no limits",
@@ -611,8 +659,10 @@ def fslink_report(results: FslinkResults, cases: list[FslinkCase], caches: list[
             report.add(f"{head}: copy job (s)", t["job"], base, "cp -r",
                        f"<= {TARGET_FSLINK:.2f}x", t["job"] <= TARGET_FSLINK * base,
                        fmt="{:.2f}")  # fmt: skip
-            for v in ("runner_limited", "runner_unlimited", "in_process"):
+            for v in ("cp_limited", "runner_limited", "runner_unlimited", "in_process"):
                 report.add(f"  {VARIANTS[v]} (s)", t[v], base, "cp -r", fmt="{:.2f}")
+            report.add(f"  copy job vs {VARIANTS['cp_limited']}", t["job"] / t["cp_limited"],
+                       fmt="{:.2f}x")
             jobs = results.jobs.get((case.label, cache), [])
             for phase in PHASES:
                 values = [v for j in jobs if (v := j.phases()[phase]) is not None]
@@ -645,7 +695,9 @@ def fslink_report(results: FslinkResults, cases: list[FslinkCase], caches: list[
     report.note(
         "reading the variants: OpRunner no limits - run_op in-process = the worker's start "
         "and the runner's wait for its exit; job limits - no limits = the memory cgroup "
-        "(it counts the page cache the copy writes); job - OpRunner = controller and agent"
+        "(it counts the page cache the copy writes); job - OpRunner = controller and agent; "
+        f"cp -r under the job's limits = cp in a fresh cgroup of {MEMORY_LIMIT} MiB and "
+        f"{CPU_LIMIT} millicores, the same limits as the job's worker"
     )
     report.note(
         f"job: cpu_limit {CPU_LIMIT}, memory_limit {MEMORY_LIMIT} MiB, status polled "

@@ -110,8 +110,13 @@ def _drain(client: AdminClient, name: str, deadline: float | None) -> int:
     end = time.monotonic() + deadline
     while active and time.monotonic() < end:
         time.sleep(min(2.0, max(0.1, end - time.monotonic())))
-        agents = {a["name"]: a for a in client.get("agents/")["agents"]}
-        active = int(agents.get(name, {}).get("active_jobs", 0))
+        agent = {a["name"]: a for a in client.get("agents/")["agents"]}.get(name, {})
+        active = int(agent.get("active_jobs", 0))
+        if active and not agent.get("draining", True):
+            # undrained meanwhile: new work lands there, so waiting means nothing now
+            print(f"{name}: undrained while waiting, {active} job(s) active",
+                  file=sys.stderr)
+            return 1
     if active:
         print(f"{name}: deadline reached with {active} job(s) still active", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ import logging
 import time
 import uuid
 import weakref
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,8 @@ LOGS_REQUEST_TIMEOUT = 5.0
 # message) is held at most this long by one agent.
 SEND_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0  # for the close handshake, likewise
+RUNS_REMEMBERED_MAX = 10_000  # per link, for an agent that never sends its inventory
+QUEUE_PAGE = 1000  # queued jobs read at a time by a placement round
 
 
 @dataclass
@@ -63,6 +66,10 @@ class AgentSession:
         default_factory=dict)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     transport: asyncio.BaseTransport | None = None
+    # (job, attempt) of the runs sent on this link before its inventory was reconciled
+    # (None after): the agent may have listed its workloads before they arrived, and
+    # they still will, in order; a second run could start again a job that ended
+    runs_before_inventory: set[tuple[str, int]] | None = field(default_factory=set)
 
     async def send(self, message: p.Message) -> None:
         try:
@@ -84,6 +91,10 @@ class AgentSession:
         if self.heartbeat is not None and self.heartbeat.capacity:
             return self.heartbeat.capacity
         return self.hello.capacity
+
+
+def _placement_capacity(hb: p.Heartbeat) -> tuple[Any, ...]:
+    return tuple(hb.capacity.get(k) for k in ("cpu_millicores", "memory_mib", "gpus"))
 
 
 def _cancelling() -> bool:
@@ -204,6 +215,12 @@ class Fleet:
         # the session: a stale one would be given jobs and never lose its lease.
         try:
             self.disconnected_since.pop(name, None)
+            # A revocation while the agent was saying hello found no session to close:
+            # check again, now that a later revocation will find this one.
+            if not await self.store.token_valid(jti, name):
+                log.warning("agent refused agent=%s reason=token revoked", name)
+                await self.close_link(ws, 4001, b"token revoked")
+                return ws
             hello_dict = p.encode_dict(hello)
             await self.store.agent_seen(name, hello.found_by or "configured", hello_dict)
             self._remember(name, hello_dict, hello.capacity)
@@ -260,6 +277,8 @@ class Fleet:
                 log.warning("bad message agent=%s error=not a text frame (%s)", session.name,
                             msg.type.name)
                 continue
+            if self._suspect(session):
+                self.kick()  # placeable again: jobs may have waited for it
             session.last_seen = time.monotonic()
             try:
                 message = p.decode(msg.data)
@@ -276,7 +295,11 @@ class Fleet:
 
     async def _handle(self, session: AgentSession, message: p.Message) -> None:
         if isinstance(message, p.Heartbeat):
+            before = session.heartbeat
             session.heartbeat = message
+            if before is None or (message.runtime_ok and not before.runtime_ok) or \
+                    _placement_capacity(message) != _placement_capacity(before):
+                self.kick()  # healthy again, or room changed: jobs may have waited for it
             await self._persist_heartbeat(session, message)
         elif isinstance(message, p.Event):
             await self._on_event(session, message)
@@ -374,13 +397,15 @@ class Fleet:
             if (job.id, job.attempt) in seen:
                 continue
             if job.state is State.ASSIGNED:
-                await session.send(p.Run(spec=spec_for(job, self.config.job_logs_tail)))
+                if (job.id, job.attempt) not in (session.runs_before_inventory or ()):
+                    await session.send(p.Run(spec=spec_for(job, self.config.job_logs_tail)))
             else:
                 await self.store.apply_event(
                     job.id, job.attempt, State.LOST,
                     message=f"workload vanished from agent {session.name}")
                 self._notify(job.id)
                 self.kick()
+        session.runs_before_inventory = None
 
     # -------------------------------------------------------------- dispatch
 
@@ -396,7 +421,6 @@ class Fleet:
 
     def views(self, usage: dict[str, tuple[int, int, int]]) -> dict[str, placement.AgentView]:
         now = time.monotonic()
-        suspect_after = SUSPECT_AFTER_MISSED * self.config.heartbeat_interval
         out: dict[str, placement.AgentView] = {}
         for name, s in self.sessions.items():
             cap = s.capacity()
@@ -407,21 +431,27 @@ class Fleet:
                 memory_mib=int(cap.get("memory_mib", 0)), gpus=int(cap.get("gpus", 0)),
                 multi_worker=bool(s.hello.capabilities.get("multi_worker", False)),
                 labels=dict(s.hello.labels), connected=True,
-                suspect=now - s.last_seen > suspect_after,
+                suspect=self._suspect(s, now),
                 draining=name in self.draining,
                 healthy=hb.runtime_ok if hb is not None else True,
                 used_cpu=used[0], used_memory=used[1], used_gpus=used[2])
         return out
 
+    def _suspect(self, session: AgentSession, now: float | None = None) -> bool:
+        silent = (time.monotonic() if now is None else now) - session.last_seen
+        return silent > SUSPECT_AFTER_MISSED * self.config.heartbeat_interval
+
     async def place_queued(self) -> int:
         """One placement round over the queue, oldest first; returns jobs placed."""
-        queued = await self.store.queued()
+        queued = await self.store.queued(QUEUE_PAGE)
         if not queued or not self.sessions:
             return 0
         views = self.views(await self.store.usage_by_agent())
         placed = 0
         no_room: set[placement.Request] = set()  # capacity only shrinks during a round
-        for index, job in enumerate(queued):
+        index = -1
+        async for job in self._whole_queue(queued):
+            index += 1
             if index % 64 == 63:
                 await asyncio.sleep(0)  # a long queue must not hold the loop
             req = request_of(job)
@@ -438,6 +468,9 @@ class Fleet:
             view.take(req)
             try:
                 await session.send(p.Run(spec=spec_for(job, self.config.job_logs_tail)))
+                sent = session.runs_before_inventory
+                if sent is not None and len(sent) < RUNS_REMEMBERED_MAX:
+                    sent.add((job.id, job.attempt))
             except ConnectionResetError:
                 # Not sent: the agent is gone.  It stays ASSIGNED; the reconnect's
                 # reconcile resends it, or the lease marks it LOST.
@@ -446,6 +479,18 @@ class Fleet:
             log.info("job placed jid=%s name=%s attempt=%s agent=%s", job.jid, job.name,
                      job.attempt, view.name)
         return placed
+
+    async def _whole_queue(self, first: list[JobRow]) -> AsyncIterator[JobRow]:
+        """The queue from its first page on, a page at a time: the jobs behind a page
+        may fit where its jobs do not (GPU jobs waiting must not hold back the rest),
+        and one round must place all it can (no kick may come for hours)."""
+        page = first
+        while page:
+            for job in page:
+                yield job
+            if len(page) < QUEUE_PAGE:
+                return
+            page = await self.store.queued(QUEUE_PAGE, after=page[-1].seq)
 
     def known_views(self) -> list[placement.AgentView]:
         """What every agent ever seen (connected or not) offers, for ``never_fits``;
@@ -569,6 +614,8 @@ class Fleet:
             if name in self.sessions or now - since < self.config.agent_lease:
                 continue
             for job in await self.store.jobs_on_agent(name, (State.ASSIGNED, State.RUNNING)):
+                if self.disconnected_since.get(name) != since:
+                    break  # it came back meanwhile (and maybe left again): not this lease
                 if await self.store.apply_event(
                         job.id, job.attempt, State.LOST,
                         message=f"agent {name} lost: no contact for "
@@ -576,7 +623,8 @@ class Fleet:
                     lost += 1
                     self._notify(job.id)
                     log.warning("job lost jid=%s name=%s agent=%s", job.jid, job.name, name)
-            del self.disconnected_since[name]
+            if self.disconnected_since.get(name) == since:
+                del self.disconnected_since[name]
         if lost:
             self.kick()
         return lost

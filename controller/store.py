@@ -366,18 +366,18 @@ class Store:
                             (time.time(), job_id))
         return self._get(job_id)
 
-    async def queued(self, limit: int = 1000) -> list[JobRow]:
-        """Jobs waiting for an agent, oldest first."""
-        return await self._run(self._by_state, (State.QUEUED,), None, limit)
+    async def queued(self, limit: int = 1000, after: int = 0) -> list[JobRow]:
+        """Jobs waiting for an agent, oldest first (from the one after seq ``after``)."""
+        return await self._run(self._by_state, (State.QUEUED,), None, limit, after)
 
     async def jobs_on_agent(self, agent: str, states: Iterable[State]) -> list[JobRow]:
         return await self._run(self._by_state, tuple(states), agent, 1_000_000)
 
     def _by_state(self, states: tuple[State, ...], agent: str | None,
-                  limit: int) -> list[JobRow]:
+                  limit: int, after: int = 0) -> list[JobRow]:
         query = (f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE state IN "
-                 f"({', '.join('?' * len(states))})")
-        args: list[Any] = [s.value for s in states]
+                 f"({', '.join('?' * len(states))}) AND seq > ?")
+        args: list[Any] = [*(s.value for s in states), after]
         if agent is not None:
             query += " AND agent = ?"
             args.append(agent)

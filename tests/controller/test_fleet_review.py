@@ -1,0 +1,246 @@
+"""Fleet failure handling, placement and the admin API under the races an operator meets:
+an agent coming back from suspect or unhealthy, a token revoked during the handshake, a
+lease running out as its agent reconnects, runs in flight when the inventory is read,
+a long queue, an undrain while ``pfleet agents drain --deadline`` waits.
+
+A real controller on loopback; agents are raw protocol-level links (``dial``), so each
+race is staged in a fixed order instead of hoped for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType
+from aiohttp.test_utils import TestServer
+
+from agent import protocol as p
+from controller import cli
+from controller.app import create_app
+from controller.auth import issue_client_token
+from controller.fleet import QUEUE_PAGE
+from controller.states import State
+from controller.store import JobRow, Store
+from tests.conftest import make_config
+from tests.controller.test_hostile_agent import (
+    HUGE,
+    Controller,
+    dial,
+    expect,
+    heartbeat,
+    hello,
+    token_for,
+    until,
+    wait_state,
+)
+
+LEASE = 1.0
+
+
+@pytest.fixture
+async def ctl(tmp_path: Path) -> AsyncIterator[Controller]:
+    config = make_config(tmp_path, agent_lease=LEASE)  # suspect after 1.5 s of silence
+    server = TestServer(create_app(config), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield Controller(config, server, tmp_path)
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def admin_headers(ctl: Controller) -> dict[str, str]:
+    return {"Authorization": f"Bearer {issue_client_token(ctl.config)}"}
+
+
+async def add_job(store: Store, *, cpu: int = 100, gpus: int = 0) -> JobRow:
+    jid = f"review-{uuid.uuid4().hex[:8]}"
+    spec = {"image": "busybox", "command": ["true"], "env": [], "cpu_limit": cpu,
+            "memory_limit": 64, "gpu_limit": gpus, "number_of_workers": 1, "mounts": []}
+    return await store.insert_job(JobRow(
+        id=uuid.uuid4().hex, seq=0, name=jid, jid=jid, kind="plugin", state=State.QUEUED,
+        attempt=1, agent=None, spec=spec, image="busybox", cmd="true", message="queued"))
+
+
+async def messages_until_ack(ws: aiohttp.ClientWebSocketResponse, seq: int) -> list[p.Message]:
+    """Everything the controller sends up to the ack of event ``seq``."""
+    seen: list[p.Message] = []
+    for _ in range(100):
+        msg = await ws.receive(timeout=10)
+        assert msg.type is WSMsgType.TEXT, msg
+        message = p.decode(msg.data)
+        seen.append(message)
+        if isinstance(message, p.Ack) and message.seq == seq:
+            return seen
+    raise AssertionError(f"no ack of event {seq}")
+
+
+async def run_on(ctl: Controller, ws: aiohttp.ClientWebSocketResponse, count: int
+                 ) -> list[JobRow]:
+    """``count`` jobs placed on the agent of ``ws`` and reported running by it."""
+    jobs = [await add_job(ctl.store) for _ in range(count)]
+    ctl.fleet.kick()
+    runs = [await expect(ws, p.Run) for _ in range(count)]
+    for seq, run in enumerate(runs, start=1):
+        await ws.send_str(p.encode(p.Event(seq=seq, job=run.spec.job, attempt=1,
+                                           state="running")))
+        await expect(ws, p.Ack)
+    return [await wait_state(ctl.store, job.id, State.RUNNING) for job in jobs]
+
+
+@pytest.mark.parametrize("why", ["suspect", "unhealthy"])
+async def test_an_agent_placeable_again_gets_the_job_that_waited_for_it(
+        ctl: Controller, http: aiohttp.ClientSession, why: str) -> None:
+    ws = await dial(ctl, http, "mallory", HUGE)
+    session = ctl.fleet.sessions["mallory"]
+    if why == "suspect":  # three heartbeats missed
+        await until(lambda: ctl.fleet.views({})["mallory"].suspect, "never went suspect")
+    else:
+        await ws.send_str(json.dumps(heartbeat(runtime_ok=False, problems=["engine down"])))
+        await until(lambda: session.heartbeat is not None, "heartbeat not read")
+    job = await add_job(ctl.store)
+    assert await ctl.fleet.place_queued() == 0  # waits, as it should
+    # The agent is well again; no job ends and no client submits: only it can say so.
+    await ws.send_str(json.dumps(heartbeat()))
+    run = await expect(ws, p.Run)
+    assert run.spec.job == job.id
+    await ws.close()
+
+
+async def test_a_token_revoked_during_the_handshake_does_not_connect(
+        ctl: Controller, http: aiohttp.ClientSession) -> None:
+    ws = await http.ws_connect(ctl.url, headers={
+        "Authorization": f"Bearer {await token_for(ctl, 'mallory')}"})
+    # Past the token check, not yet registered: no session the revocation could close.
+    async with http.delete(f"http://127.0.0.1:{ctl.server.port}/api/v1/agents/mallory/tokens/",
+                           headers=admin_headers(ctl)) as resp:
+        assert resp.status == 200, await resp.text()
+    await ws.send_str(json.dumps(hello("mallory", HUGE)))
+    msg = await ws.receive(timeout=10)
+    assert msg.type is WSMsgType.CLOSE, msg
+    assert ws.close_code == 4001  # what the agent's link treats as final
+    await ws.close()
+    await until(lambda: "mallory" not in ctl.fleet.sessions, "the refused link stayed")
+    assert await add_job(ctl.store) and await ctl.fleet.place_queued() == 0
+
+
+@pytest.mark.parametrize("leaves_again", [False, True])
+async def test_a_lease_running_out_as_its_agent_reconnects(
+        ctl: Controller, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
+        leaves_again: bool) -> None:
+    for task in list(ctl.fleet._tasks):  # the lease is checked by this test alone
+        if task.get_name() == "pfleet-watchdog":
+            task.cancel()
+    ws = await dial(ctl, http, "mallory", HUGE)
+    jobs = await run_on(ctl, ws, 2)
+    await ws.close()
+    await until(lambda: "mallory" in ctl.fleet.disconnected_since, "disconnect not seen")
+    await asyncio.sleep(LEASE + 0.1)
+
+    # The lease check has read the agent's jobs; the agent reconnects before it marks them.
+    entered, resume = asyncio.Event(), asyncio.Event()
+    jobs_on_agent = ctl.store.jobs_on_agent
+
+    async def held(agent: str, states: Any) -> list[JobRow]:
+        rows = await jobs_on_agent(agent, states)
+        entered.set()
+        await resume.wait()
+        return rows
+
+    monkeypatch.setattr(ctl.store, "jobs_on_agent", held)
+    check = asyncio.create_task(ctl.fleet.expire_leases())
+    await asyncio.wait_for(entered.wait(), 10)
+    ws = await dial(ctl, http, "mallory", HUGE)
+    if leaves_again:
+        await ws.close()
+        await until(lambda: "mallory" in ctl.fleet.disconnected_since, "disconnect not seen")
+    resume.set()
+    assert await asyncio.wait_for(check, 10) == 0
+    monkeypatch.undo()
+    for job in jobs:  # it came back within reach: its jobs stand
+        assert (await wait_state(ctl.store, job.id, State.RUNNING)).agent == "mallory"
+    if not leaves_again:
+        await ws.close()
+        return
+    # Gone again: the new absence has its own lease, which runs out in turn.
+    assert "mallory" in ctl.fleet.disconnected_since
+    await asyncio.sleep(LEASE + 0.1)
+    assert await ctl.fleet.expire_leases() == 2
+    for job in jobs:
+        lost = await wait_state(ctl.store, job.id, State.LOST)
+        assert lost.message.startswith("agent mallory lost: no contact for")
+
+
+async def test_runs_in_flight_when_the_agent_lists_its_jobs_are_sent_once(
+        ctl: Controller, http: aiohttp.ClientSession) -> None:
+    job = await add_job(ctl.store)
+    ws = await dial(ctl, http, "mallory", HUGE)
+    assert (await expect(ws, p.Run)).spec.job == job.id  # placed at once, on connect
+    # The agent listed its workloads before that run reached it (the link delivers it
+    # next, in order): a second run could start the job again once the first ended.
+    await ws.send_str(p.encode(p.Inventory(jobs=[])))
+    await ws.send_str(p.encode(p.Event(seq=1, job=job.id, attempt=1, state="running")))
+    sent = await messages_until_ack(ws, 1)
+    assert not [m for m in sent if isinstance(m, p.Run)], sent
+    await wait_state(ctl.store, job.id, State.RUNNING)
+    await ws.close()
+
+
+async def test_a_run_lost_with_its_link_is_sent_again_after_the_inventory(
+        ctl: Controller, http: aiohttp.ClientSession) -> None:
+    job = await add_job(ctl.store)
+    ws = await dial(ctl, http, "mallory", HUGE)
+    await expect(ws, p.Run)
+    await ws.close()  # before the agent could take it on
+    await until(lambda: "mallory" not in ctl.fleet.sessions, "disconnect not seen")
+    ws = await dial(ctl, http, "mallory", HUGE)
+    await ws.send_str(p.encode(p.Inventory(jobs=[])))
+    assert (await expect(ws, p.Run)).spec.job == job.id
+    await ws.close()
+
+
+async def test_jobs_behind_a_page_of_waiting_ones_are_placed(
+        ctl: Controller, http: aiohttp.ClientSession) -> None:
+    ws = await dial(ctl, http, "mallory", {**HUGE, "gpus": 1})
+    gpu_job = await add_job(ctl.store, gpus=1)
+    ctl.fleet.kick()
+    assert (await expect(ws, p.Run)).spec.job == gpu_job.id  # the one GPU is taken
+    for _ in range(QUEUE_PAGE):  # a batch of GPU jobs waits for it
+        await add_job(ctl.store, gpus=1)
+    cpu_job = await add_job(ctl.store)
+    await ws.send_str(json.dumps(heartbeat()))  # not suspect after the inserts
+    await until(lambda: not ctl.fleet.views({})["mallory"].suspect, "heartbeat not read")
+    assert await ctl.fleet.place_queued() == 1
+    assert (await ctl.store.get(cpu_job.id)).state is State.ASSIGNED  # type: ignore[union-attr]
+    await ws.close()
+
+
+async def test_drain_deadline_stops_waiting_when_undrained(
+        ctl: Controller, http: aiohttp.ClientSession, capsys: pytest.CaptureFixture[str]
+        ) -> None:
+    ws = await dial(ctl, http, "mallory", HUGE)
+    await run_on(ctl, ws, 1)
+    base = f"http://127.0.0.1:{ctl.server.port}/api/v1/"
+    args = ["--url", base, "--user", ctl.config.pfcon_user,
+            "--password", ctl.config.pfcon_password, "agents", "drain", "mallory",
+            "--deadline", "15"]
+    drain = asyncio.create_task(asyncio.to_thread(cli.main, args))
+    await until(lambda: "mallory" in ctl.fleet.draining, "drain not applied", tries=500)
+    async with http.post(base + "agents/mallory/undrain/", headers=admin_headers(ctl)) as resp:
+        assert resp.status == 200, await resp.text()
+    assert await asyncio.wait_for(drain, 10) == 1
+    err = capsys.readouterr().err
+    assert "undrained while waiting, 1 job(s) active" in err, err
+    await ws.close()

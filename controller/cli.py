@@ -138,13 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--ttl", type=int, default=None,
                         help="seconds until the token expires (default: never)")
     token_sub.add_parser("revoke", help="revoke an agent's tokens").add_argument("name")
-    agents = sub.add_parser("agents", help="list agents with their health; drain, undrain")
+    agents = sub.add_parser("agents", help="list agents with their health; drain, undrain, "
+                                            "forget")
     agents_sub = agents.add_subparsers(dest="agents_command")
     drain = agents_sub.add_parser("drain", help="stop new placements on an agent")
     drain.add_argument("name")
     drain.add_argument("--deadline", type=float, default=None,
                        help="wait up to this many seconds for its jobs to end")
     agents_sub.add_parser("undrain", help="place work on an agent again").add_argument("name")
+    agents_sub.add_parser("forget", help="decommission an agent that is gone: forget it and "
+                          "revoke its tokens").add_argument("name")
     jobs = sub.add_parser("jobs", help="list recent jobs")
     jobs.add_argument("--limit", type=int, default=50)
     jobs.add_argument("--all", action="store_true", help="include jobs clients deleted")
@@ -162,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"revoked {result['revoked']} token(s) of {args.name}")
         elif args.command == "agents" and args.agents_command == "drain":
             return _drain(client, args.name, args.deadline)
+        elif args.command == "agents" and args.agents_command == "forget":
+            client.delete(f"agents/{args.name}/")
+            print(f"{args.name}: forgotten, its tokens revoked")
         elif args.command == "agents" and args.agents_command == "undrain":
             client.post(f"agents/{args.name}/undrain/", {})
             print(f"{args.name}: accepting work again")

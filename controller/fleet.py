@@ -497,6 +497,14 @@ class Fleet:
         kept in memory so a submit never reads the whole agents table."""
         return list(self._known.values())
 
+    def forget(self, name: str) -> None:
+        """Drop what is kept in memory of a decommissioned agent (not connected): it no
+        longer counts as a place a job could ever fit, nor waits for a lease."""
+        self._known.pop(name, None)
+        self.draining.discard(name)
+        self.disconnected_since.pop(name, None)
+        self._persisted_heartbeat.pop(name, None)
+
     def _remember(self, name: str, hello: dict[str, Any], capacity: dict[str, Any]) -> None:
         self._known[name] = placement.AgentView(
             name=name, cpu_millicores=int(capacity.get("cpu_millicores", 0)),

@@ -462,6 +462,27 @@ class Store:
         return [AgentRow(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5]), bool(r[6]))
                 for r in rows]
 
+    async def forget_agent(self, name: str) -> tuple[bool, int]:
+        """Decommission an agent: delete its row and revoke its tokens, in one
+        transaction, unless jobs are still ASSIGNED or RUNNING on it.  Returns
+        (whether it was known, how many such jobs held it back)."""
+        return await self._run(self._forget_agent, name)
+
+    def _forget_agent(self, name: str) -> tuple[bool, int]:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            if self.db.execute("SELECT 1 FROM agents WHERE name = ?", (name,)).fetchone() is None:
+                return False, 0
+            active = self.db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE agent = ? AND state IN (?, ?)",
+                (name, State.ASSIGNED.value, State.RUNNING.value)).fetchone()[0]
+            if active:
+                return True, active
+            self.db.execute("DELETE FROM agents WHERE name = ?", (name,))
+            self.db.execute("UPDATE agent_tokens SET revoked_at = ? WHERE agent = ? AND "
+                            "revoked_at IS NULL", (time.time(), name))
+        return True, 0
+
     # -------------------------------------------------------------- agent tokens
 
     async def add_token(self, jti: str, agent: str) -> None:

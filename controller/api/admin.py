@@ -16,7 +16,7 @@ from aiohttp import web
 from agent.protocol import encode_dict
 from controller.api.middleware import CONFIG, json_response
 from controller.auth import issue_agent_token
-from controller.errors import BadRequest, NotFound
+from controller.errors import BadRequest, Conflict, NotFound
 from controller.fleet import FLEET, SUSPECT_AFTER_MISSED
 from controller.states import pfcon_status
 from controller.store import STORE
@@ -96,6 +96,29 @@ async def revoke_agent_tokens(request: web.Request) -> web.Response:
     if session is not None:
         await request.app[FLEET].close_link(session.ws, 4001, b"token revoked")
     return json_response(request, {"name": name, "revoked": count})
+
+
+@routes.delete("/api/v1/agents/{name}/")
+async def forget_agent(request: web.Request) -> web.Response:
+    """Decommission an agent: forget it and revoke its tokens.  Refused while it is
+    connected (revoke its token or stop it first) or while jobs are placed on it (they
+    finish, or its lease marks them lost): forgetting it then would strand them."""
+    name = request.match_info["name"]
+    fleet = request.app[FLEET]
+    if name in fleet.sessions:
+        raise Conflict(f"agent {name!r} is connected: stop it or revoke its token "
+                       "(pfleet token revoke) first")
+    known, active = await request.app[STORE].forget_agent(name)
+    if not known:
+        raise NotFound(f"no agent named {name!r}")
+    if active:
+        raise Conflict(f"agent {name!r} still has {active} job(s) placed on it: they finish "
+                       "when it comes back, or become undefined when its lease runs out")
+    fleet.forget(name)
+    session = fleet.sessions.get(name)
+    if session is not None:  # it finished a handshake meanwhile: its tokens are revoked now
+        await fleet.close_link(session.ws, 4001, b"token revoked")
+    return web.Response(status=204)
 
 
 @routes.post("/api/v1/agents/{name}/drain/")

@@ -112,6 +112,29 @@ def test_revoked_token_drops_the_agent(tmp_path: Path, controller) -> None:
     assert proc.process.wait(timeout=30) == 78
 
 
+def test_forget_decommissions_an_agent_that_is_gone(tmp_path: Path, controller) -> None:
+    proc = fake_agent(tmp_path, controller, "h7")
+    proc.start()
+    try:
+        controller.wait_agent("h7")
+        refused = pfleet(controller, "agents", "forget", "h7")
+        assert refused.returncode == 1 and "is connected" in refused.stderr
+    finally:
+        proc.stop()
+    wait_for(lambda: any(a["name"] == "h7" and a["state"] == "disconnected"
+                         for a in controller.agents()), 20, what="h7 to disconnect")
+    forgot = pfleet(controller, "agents", "forget", "h7")
+    assert forgot.returncode == 0, forgot.stderr
+    assert forgot.stdout.strip() == "h7: forgotten, its tokens revoked"
+    assert "h7" not in pfleet(controller, "agents").stdout
+    # Its token was revoked with it: it cannot come back unnoticed.
+    proc.start()
+    assert proc.process is not None
+    assert proc.process.wait(timeout=30) == 78
+    unknown = pfleet(controller, "agents", "forget", "h7")
+    assert unknown.returncode == 1 and "no agent named 'h7'" in unknown.stderr
+
+
 def test_agent_health_endpoint_reports_the_controller_link(tmp_path: Path, controller) -> None:
     port = free_port()
     proc = fake_agent(tmp_path, controller, "h6", PFLEET_HEALTH_LISTEN=f"127.0.0.1:{port}")

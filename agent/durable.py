@@ -46,9 +46,15 @@ class DurableWriter:
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
         try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+            try:
+                view = memoryview(data)
+                while view:  # a nearly full disk takes part of a write without an error
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # never rename a torn file over the good one
+            raise
         os.replace(tmp, path)
         with self._lock:
             self._dirty.add(os.fspath(path))

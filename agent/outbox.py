@@ -19,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from agent.durable import DurableWriter
-from agent.protocol import Event
+from agent.protocol import Event, ProtocolError, decode
 
 log = logging.getLogger("pfleet.agent.outbox")
 
@@ -38,9 +38,8 @@ class Outbox:
         self._writer = DurableWriter("outbox")
         for path in sorted(self.directory.glob("*.json")):
             try:
-                data = json.loads(path.read_text())
-                event = Event(**data)
-            except (OSError, ValueError, TypeError) as exc:
+                event = _load(path)
+            except (OSError, ValueError, ProtocolError) as exc:
                 log.error("dropping unreadable outbox entry path=%s error=%s", path, exc)
                 path.unlink(missing_ok=True)
                 continue
@@ -84,3 +83,22 @@ class Outbox:
 
     def __len__(self) -> int:
         return len(self._pending)
+
+
+def _load(path: Path) -> Event:
+    """The event of one outbox file, validated like one from the wire.  Its sequence
+    number is the file's (what ``ack`` deletes); fields an agent of another version
+    wrote are left out rather than losing a final event."""
+    seq = int(path.stem)
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    known = {f.name for f in fields(Event)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        log.warning("ignoring unknown fields of outbox entry path=%s fields=%s", path, unknown)
+    body = {k: v for k, v in data.items() if k in known} | {"seq": seq, "type": Event.type}
+    event = decode(json.dumps(body))
+    if not isinstance(event, Event):
+        raise ValueError("not an event")
+    return event

@@ -64,6 +64,8 @@ class Tracked:
     @classmethod
     def from_json(cls, text: str) -> Tracked:
         data = json.loads(text)
+        if not isinstance(data, dict) or not isinstance(data.get("spec"), dict):
+            raise ValueError("not a job record (an object with a spec object)")
         handle = Handle.from_dict(data["handle"]) if data.get("handle") else None
         return cls(p.JobSpec.from_dict(data["spec"]), handle,
                    bool(data.get("running_reported")), str(data.get("started_at", "")),
@@ -100,7 +102,9 @@ class Supervisor:
         for path in sorted(self.jobs_dir.glob("*.json")):
             try:
                 tracked = Tracked.from_json(path.read_text())
-            except (OSError, ValueError, KeyError, p.ProtocolError) as exc:
+                if tracked.spec.job != path.stem:  # finishing would delete another file
+                    raise ValueError(f"record of job {tracked.spec.job!r}")
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 log.error("dropping unreadable job record path=%s error=%s", path, exc)
                 path.unlink(missing_ok=True)
                 continue
@@ -125,6 +129,11 @@ class Supervisor:
                 tracked.handle = handle
                 log.info("re-attached jid=%s name=%s attempt=%s", spec.jid, spec.name,
                          spec.attempt)
+            elif tracked.running_reported and tracked.handle is not None:
+                # It ran, and is not listed (gone, or the runtime is down): starting
+                # it would run it twice; polling its recorded handle says what it is.
+                log.info("re-attached by its recorded handle jid=%s name=%s attempt=%s",
+                         spec.jid, spec.name, spec.attempt)
             else:
                 # Never reported running: it may never have been created, or created
                 # but not started.  start() is idempotent per attempt, so it finishes
@@ -167,7 +176,13 @@ class Supervisor:
             await self._drop(current, remove_workload=True)
         tracked = Tracked(spec)
         self.active[spec.job] = tracked
-        self._persist(tracked)
+        error = self._persist(tracked)
+        if error is not None:  # a job it could not find again after a restart
+            await self._finish(tracked, p.Event(
+                seq=0, job=spec.job, attempt=spec.attempt, state="failed",
+                message=f"the agent cannot record the job: {error.strerror or error}",
+                finished_at=now_rfc3339()))
+            return
         if spec.op is not None:
             self._spawn(self._run_op(tracked), f"op-{spec.name}")
         else:
@@ -288,7 +303,9 @@ class Supervisor:
         def started(child: ChildRef) -> None:
             tracked.op_child = child
             if self.active.get(spec.job) is tracked:
-                self._persist(tracked)  # before waiting: a restart must find the worker
+                error = self._persist(tracked)  # before waiting: a restart must find it
+                if error is not None:
+                    raise error  # not run unrecorded: a restart would run a second one
             else:
                 self.op_runner.kill(spec, child)
 
@@ -382,14 +399,14 @@ class Supervisor:
             self._finished[(tracked.spec.job, tracked.spec.attempt)] = tracked.handle
             while len(self._finished) > FINISHED_KEPT:
                 self._finished.popitem(last=False)
-        self._record_path(tracked.spec.job).unlink(missing_ok=True)
+        self._unrecord(tracked.spec.job)
         log.info("job ended jid=%s name=%s attempt=%s state=%s exit_code=%s", tracked.spec.jid,
                  tracked.spec.name, tracked.spec.attempt, event.state, event.exit_code)
 
     async def _drop(self, tracked: Tracked, *, remove_workload: bool) -> None:
         if self.active.get(tracked.spec.job) is tracked:
             del self.active[tracked.spec.job]
-        self._record_path(tracked.spec.job).unlink(missing_ok=True)
+        self._unrecord(tracked.spec.job)
         handle = tracked.handle
         if tracked.spec.op is not None:
             self.op_runner.kill(tracked.spec, tracked.op_child)  # its task then forgets it
@@ -430,5 +447,20 @@ class Supervisor:
     def _record_path(self, job: str) -> Path:
         return self.jobs_dir / f"{job}.json"
 
-    def _persist(self, tracked: Tracked) -> None:
-        self._records.replace(self._record_path(tracked.spec.job), tracked.to_json().encode())
+    def _persist(self, tracked: Tracked) -> OSError | None:
+        """Write the attempt's record; on failure (a full disk) the older record stays,
+        which a restart copes with (starts are idempotent), and the failure is returned."""
+        try:
+            self._records.replace(self._record_path(tracked.spec.job),
+                                  tracked.to_json().encode())
+        except OSError as exc:
+            log.error("cannot write job record, the older one stays path=%s error=%s",
+                      self._record_path(tracked.spec.job), exc)
+            return exc
+        return None
+
+    def _unrecord(self, job: str) -> None:
+        try:
+            self._record_path(job).unlink(missing_ok=True)
+        except OSError as exc:  # a read-only state disk: reporting goes on
+            log.error("cannot delete job record path=%s error=%s", self._record_path(job), exc)

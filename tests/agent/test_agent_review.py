@@ -63,6 +63,14 @@ async def until(condition: object, what: str) -> None:
         await asyncio.sleep(0.02)
 
 
+def supervisor(runtime: FakeRuntime, tmp_path: Path, state: Path | None = None
+               ) -> tuple[Supervisor, Outbox]:
+    """A supervisor (and its outbox) as the agent makes them, state under ``state``."""
+    box = Outbox(tmp_path / "outbox")
+    return Supervisor(runtime, box, state or tmp_path / "state", tmp_path,
+                      poll_interval=0.05), box
+
+
 def states(box: Outbox, job: str = "job1") -> list[str]:
     return [e.state for e in box.pending() if e.job == job]
 
@@ -87,8 +95,7 @@ def test_a_short_write_on_a_full_disk_keeps_the_older_file(tiny_fs: Path) -> Non
 async def test_a_full_state_disk_refuses_a_new_job_clearly(tmp_path: Path,
                                                            tiny_fs: Path) -> None:
     runtime = FakeRuntime()
-    box = Outbox(tmp_path / "outbox")
-    sup = Supervisor(runtime, box, tiny_fs, tmp_path, poll_interval=0.05)
+    sup, box = supervisor(runtime, tmp_path, tiny_fs)
     await sup.startup()
     fill(tiny_fs)
     try:
@@ -112,8 +119,7 @@ async def test_a_full_state_disk_at_a_restart_does_not_stop_the_poller(
     (tiny_fs / "jobs" / "job1.json").write_text(Tracked(job).to_json())
     await runtime.start(job)
     fill(tiny_fs)
-    box = Outbox(tmp_path / "outbox")
-    sup = Supervisor(runtime, box, tiny_fs, tmp_path, poll_interval=0.05)
+    sup, box = supervisor(runtime, tmp_path, tiny_fs)
     await sup.startup()
     poller = asyncio.create_task(sup.run_forever())
     try:
@@ -142,8 +148,7 @@ async def test_a_job_record_of_the_wrong_shape_is_reported_and_the_rest_kept(
     jobs.mkdir(parents=True)
     (jobs / "good.json").write_text(Tracked(spec("good")).to_json())
     (jobs / "bad.json").write_text(text)
-    box = Outbox(tmp_path / "outbox")
-    sup = Supervisor(runtime, box, tmp_path / "state", tmp_path, poll_interval=0.05)
+    sup, _box = supervisor(runtime, tmp_path)
     with caplog.at_level(logging.ERROR, "pfleet.agent.supervisor"):
         await sup.startup()
     try:
@@ -206,8 +211,7 @@ def test_unknown_and_out_of_order_acks_are_harmless(tmp_path: Path) -> None:
 async def test_a_running_job_whose_container_vanished_while_down_is_lost_not_rerun(
         tmp_path: Path) -> None:
     before = FakeRuntime()
-    box = Outbox(tmp_path / "outbox")
-    sup = Supervisor(before, box, tmp_path / "state", tmp_path, poll_interval=0.05)
+    sup, box = supervisor(before, tmp_path)
     await sup.startup()
     await sup.run(spec(env=["PFLEET_FAKE_RUN_FOR=60"]))
     await until(lambda: "running" in states(box), "never running")
@@ -228,15 +232,13 @@ async def test_a_running_job_whose_container_vanished_while_down_is_lost_not_rer
 async def test_a_job_that_ended_while_the_agent_was_down_is_reported_once(
         tmp_path: Path) -> None:
     runtime = FakeRuntime()
-    box = Outbox(tmp_path / "outbox")
-    sup = Supervisor(runtime, box, tmp_path / "state", tmp_path, poll_interval=0.05)
+    sup, box = supervisor(runtime, tmp_path)
     await sup.startup()
     await sup.run(spec(env=["PFLEET_FAKE_RUN_FOR=0.2", "PFLEET_FAKE_EXIT_CODE=3"]))
     await until(lambda: "running" in states(box), "never running")
     await sup.close()
     await asyncio.sleep(0.3)
-    box = Outbox(tmp_path / "outbox")
-    sup = Supervisor(runtime, box, tmp_path / "state", tmp_path, poll_interval=0.05)
+    sup, box = supervisor(runtime, tmp_path)
     await sup.startup()
     try:
         await sup.check()

@@ -16,15 +16,20 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
-from controller.app import create_app
 from controller.auth import issue_client_token
 from controller.states import State
 from tests.api.conformance_support import multipart, plugin_fields
 from tests.conftest import make_config
 from tests.controller.test_fleet_review import run_on
-from tests.controller.test_hostile_agent import Controller, dial, hello, token_for, until
+from tests.controller.test_hostile_agent import (
+    Controller,
+    dial,
+    hello,
+    serving,
+    token_for,
+    until,
+)
 
 BIG = {"cpu_millicores": 64_000, "memory_mib": 256_000, "gpus": 0}
 SMALL = {"cpu_millicores": 2_000, "memory_mib": 4_000, "gpus": 0}
@@ -32,19 +37,9 @@ SMALL = {"cpu_millicores": 2_000, "memory_mib": 4_000, "gpus": 0}
 
 @pytest.fixture
 async def ctl(tmp_path: Path) -> AsyncIterator[Controller]:
-    config = make_config(tmp_path)  # the default lease (10 min): placed jobs stay placed
-    server = TestServer(create_app(config), host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield Controller(config, server, tmp_path)
-    finally:
-        await server.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+    # the default lease (10 min): placed jobs stay placed
+    async with serving(make_config(tmp_path), tmp_path) as controller:
+        yield controller
 
 
 @pytest.fixture
@@ -65,6 +60,12 @@ async def agent_names(admin: aiohttp.ClientSession) -> list[str]:
     async with admin.get("/api/v1/agents/") as resp:
         assert resp.status == 200
         return [a["name"] for a in (await resp.json())["agents"]]
+
+
+def _jti_of(ctl: Controller, name: str) -> tuple[str, str]:
+    row = ctl.store.db.execute("SELECT jti FROM agent_tokens WHERE agent = ?",
+                               (name,)).fetchone()
+    return row[0], name
 
 
 async def gone(ctl: Controller, ws: aiohttp.ClientWebSocketResponse, name: str) -> None:
@@ -96,11 +97,6 @@ async def test_an_agent_with_jobs_placed_on_it_is_not_forgotten(
     assert (await ctl.store.get(job.id)).state is State.RUNNING  # untouched
     assert await ctl.store.token_valid(*_jti_of(ctl, "h1"))
 
-
-def _jti_of(ctl: Controller, name: str) -> tuple[str, str]:
-    row = ctl.store.db.execute("SELECT jti FROM agent_tokens WHERE agent = ?",
-                               (name,)).fetchone()
-    return row[0], name
 
 
 async def test_a_forgotten_agent_no_longer_counts_and_cannot_come_back(

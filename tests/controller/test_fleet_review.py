@@ -19,11 +19,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import WSMsgType
-from aiohttp.test_utils import TestServer
 
 from agent import protocol as p
 from controller import cli
-from controller.app import create_app
 from controller.auth import issue_client_token
 from controller.fleet import QUEUE_PAGE
 from controller.states import State
@@ -36,6 +34,7 @@ from tests.controller.test_hostile_agent import (
     expect,
     heartbeat,
     hello,
+    serving,
     token_for,
     until,
     wait_state,
@@ -47,18 +46,8 @@ LEASE = 1.0
 @pytest.fixture
 async def ctl(tmp_path: Path) -> AsyncIterator[Controller]:
     config = make_config(tmp_path, agent_lease=LEASE)  # suspect after 1.5 s of silence
-    server = TestServer(create_app(config), host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield Controller(config, server, tmp_path)
-    finally:
-        await server.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+    async with serving(config, tmp_path) as controller:
+        yield controller
 
 
 def admin_headers(ctl: Controller) -> dict[str, str]:

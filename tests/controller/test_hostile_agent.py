@@ -8,6 +8,7 @@ stays healthy for everyone else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import uuid
@@ -54,15 +55,21 @@ class Controller:
         return f"ws://127.0.0.1:{self.server.port}/api/v1/fleet/connect"
 
 
-@pytest.fixture
-async def ctl(tmp_path: Path) -> AsyncIterator[Controller]:
-    config = make_config(tmp_path)
+@contextlib.asynccontextmanager
+async def serving(config: Config, tmp_path: Path) -> AsyncIterator[Controller]:
+    """A controller app with ``config`` on a loopback port, closed at the end."""
     server = TestServer(create_app(config), host="127.0.0.1")
     await server.start_server()
     try:
         yield Controller(config, server, tmp_path)
     finally:
         await server.close()
+
+
+@pytest.fixture
+async def ctl(tmp_path: Path) -> AsyncIterator[Controller]:
+    async with serving(make_config(tmp_path), tmp_path) as controller:
+        yield controller
 
 
 def hello(name: str, capacity: dict[str, Any], **overrides: Any) -> dict[str, Any]:
@@ -85,12 +92,6 @@ async def token_for(ctl: Controller, name: str) -> str:
     token, jti = issue_agent_token(ctl.config, name)
     await ctl.store.add_token(jti, name)
     return token
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def dial(ctl: Controller, http: aiohttp.ClientSession, name: str,

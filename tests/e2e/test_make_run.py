@@ -53,33 +53,29 @@ class MakeRun:
             self.lines.put(raw.decode(errors="replace").rstrip("\n"))
         self.lines.put(None)
 
+    def _next_line(self, deadline: float) -> str | None:
+        """The next output line, or None at the end of the output or the deadline."""
+        try:
+            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return None
+        if line is not None:
+            self.seen.append(line)
+        return line
+
     def wait_line(self, needle: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                raise AssertionError(f"make run ended before printing {needle!r}:\n"
-                                     + "\n".join(self.seen[-40:]))  # fmt: skip
-            self.seen.append(line)
+        while (line := self._next_line(deadline)) is not None:
             if needle in line:
                 return line
-        raise AssertionError(f"no {needle!r} from make run within {timeout:.0f} s:\n"
-                             + "\n".join(self.seen[-40:]))  # fmt: skip
+        raise AssertionError(f"no {needle!r} from make run within {timeout:.0f} s (or it "
+                             "ended):\n" + "\n".join(self.seen[-40:]))  # fmt: skip
 
     def rest(self, timeout: float = 10.0) -> list[str]:
         """Every line after those already seen, up to the end of the output."""
         deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            self.seen.append(line)
+        while self._next_line(deadline) is not None:
+            pass
         return self.seen
 
     def interrupt(self) -> int | None:

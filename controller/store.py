@@ -2,8 +2,9 @@
 
 One SQLite database in WAL mode under ``PFLEET_STATE_DIR``, reached only through
 one dedicated thread (so there is exactly one writer and the event loop never
-blocks on disk).  Every state change is a single statement or transaction, so a
-``kill -9`` at any moment leaves either the old or the new state, never a mix.
+blocks on disk; ``SerialWorker`` hands its results back in batches).  Every state
+change is a single statement or transaction, so a ``kill -9`` at any moment
+leaves either the old or the new state, never a mix.
 
 Fencing lives here: an event for an attempt other than the job's current one, or
 for a job already in a terminal state, changes nothing (``apply_event`` returns
@@ -13,19 +14,18 @@ page cache); only a machine crash can lose the last commits.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
 
+from controller.serial_worker import SerialWorker
 from controller.states import ACTIVE, TERMINAL, State
 
 T = TypeVar("T")
@@ -136,7 +136,7 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pfleet-store")
+        self._worker = SerialWorker("pfleet-store")
         self._db: sqlite3.Connection | None = None
         self._next_seq = 0
         # Live rows by name, as last read on the store thread: a status GET that hits
@@ -149,8 +149,7 @@ class Store:
     # ------------------------------------------------------------------ plumbing
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        return await self._worker.run(fn, *args)
 
     async def open(self) -> None:
         await self._run(self._open)
@@ -167,7 +166,7 @@ class Store:
 
     async def close(self) -> None:
         await self._run(self._close)
-        self._executor.shutdown(wait=True)
+        self._worker.stop()
 
     def _close(self) -> None:
         if self._db is not None:

@@ -20,9 +20,10 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from controller.api.multipart import FormReader, boundary_of
 from controller.errors import BadRequest, PayloadTooLarge
 from controller.storage.zipmode import ZipUpload
 
@@ -190,10 +191,9 @@ async def read_form(request: web.Request, new_upload: UploadFactory | None,
     return body
 
 
-# What aiohttp's multipart reader raises on a body that breaks the format: no
-# closing boundary, part headers too long or too many, a nested part without a
-# boundary, a bad transfer encoding, a leading `_charset_` part (which it misreads).
-_MALFORMED = (ValueError, AssertionError, RuntimeError, HttpProcessingError)
+# A body that breaks the format (MalformedMultipart is a ValueError), or a broken
+# chunked transfer encoding under it.
+_MALFORMED = (ValueError, HttpProcessingError)
 
 
 @contextlib.contextmanager
@@ -209,14 +209,14 @@ def _malformed_is_400() -> Iterator[None]:
 async def _read_multipart(request: web.Request, body: FormBody,
                           new_upload: UploadFactory | None, max_upload_bytes: int) -> None:
     with _malformed_is_400():
-        reader = await request.multipart()
+        reader = FormReader(request.content, boundary_of(request.headers["Content-Type"]))
     text_bytes = 0
     # The url-encoded field cap applies to parts too (Werkzeug's max_form_parts is the
     # same 1000): without it, empty parts cost memory and time the byte cap never sees.
     max_parts = request.client_max_fields
     for count in itertools.count(1):
         with _malformed_is_400():
-            part = await reader.next()
+            part = await reader.next_part()
         if part is None:
             return
         if count > max_parts:
@@ -225,60 +225,39 @@ async def _read_multipart(request: web.Request, body: FormBody,
             # Reading parts already buffered never suspends: without this, a body of
             # many small parts held the event loop for its whole parse.
             await asyncio.sleep(0)
-        if not isinstance(part, BodyPartReader):
-            raise BadRequest("nested multipart bodies are not supported")
-        name, filename = part_names(part)
         # Only parts with a filename are files (Werkzeug's rule): a plain text part
         # named data_file is a form field, so pfcon answers "no data_file".
-        if filename is not None:
-            if name == "data_file" and new_upload is not None and body.upload is None:
-                await _receive_zip(part, body, new_upload, max_upload_bytes)
+        if part.filename is not None:
+            if part.name == "data_file" and new_upload is not None and body.upload is None:
+                await _receive_zip(reader, body, new_upload, max_upload_bytes)
             else:
-                await _drain(part)
+                await _drain(reader)
             continue
         raw = bytearray()
-        while chunk := await _read_chunk(part, 64 << 10):  # capped as it arrives
+        while chunk := await _read_chunk(reader, 64 << 10):  # capped as it arrives
             text_bytes += len(chunk)
             if text_bytes > MAX_TEXT_FIELDS_BYTES:
                 raise PayloadTooLarge(
                     f"form fields larger than {MAX_TEXT_FIELDS_BYTES >> 20} MiB")
             raw += chunk
-        charset = part.get_charset(default="utf-8")
-        with _malformed_is_400():
-            decoded = bytes(part.decode(bytes(raw)))
         try:
-            text = decoded.decode(charset)
+            text = raw.decode(part.charset)
         except (LookupError, UnicodeDecodeError):
-            raise BadRequest({name: "not valid text"}) from None
-        body.fields.setdefault(name, []).append(text)
+            raise BadRequest({part.name: "not valid text"}) from None
+        body.fields.setdefault(part.name, []).append(text)
 
 
-_SIMPLE_DISPOSITION = re.compile(
-    r'form-data;\s*name="([^"\\]*)"(?:;\s*filename="([^"\\]*)")?\s*')
-
-
-def part_names(part: BodyPartReader) -> tuple[str, str | None]:
-    """(name, filename) of a part.  The plain header every client sends is matched
-    directly; aiohttp's general parser (about 0.2 ms a call, twice per part) is kept
-    for the rare escaped or RFC 2231 forms."""
-    header = part.headers.get("Content-Disposition", "")
-    match = _SIMPLE_DISPOSITION.fullmatch(header)
-    if match is not None:
-        return match.group(1), match.group(2)
-    return part.name or "", part.filename
-
-
-async def _read_chunk(part: BodyPartReader, size: int) -> bytes:
+async def _read_chunk(reader: FormReader, size: int) -> bytes:
     with _malformed_is_400():
-        return await part.read_chunk(size)
+        return await reader.read_chunk(size)
 
 
-async def _drain(part: BodyPartReader) -> None:
-    while await _read_chunk(part, FEED_BYTES):
+async def _drain(reader: FormReader) -> None:
+    while await _read_chunk(reader, FEED_BYTES):
         pass
 
 
-async def _receive_zip(part: BodyPartReader, body: FormBody, new_upload: UploadFactory,
+async def _receive_zip(reader: FormReader, body: FormBody, new_upload: UploadFactory,
                        max_upload_bytes: int) -> None:
     """Feed the part to a new upload, reading the next megabyte from the network
     while a worker thread writes the previous one."""
@@ -290,7 +269,7 @@ async def _receive_zip(part: BodyPartReader, body: FormBody, new_upload: UploadF
     batch_bytes = 0
     try:
         while True:
-            chunk = await _read_chunk(part, FEED_BYTES)
+            chunk = await _read_chunk(reader, FEED_BYTES)
             if chunk:
                 received += len(chunk)
                 if received > max_upload_bytes:
@@ -303,7 +282,12 @@ async def _receive_zip(part: BodyPartReader, body: FormBody, new_upload: UploadF
             if writing is not None:
                 await writing
                 writing = None
-            if batch:
+            if batch and not chunk:
+                # The last piece is written by the worker call that completes the
+                # upload: one hand-over fewer, and a small upload in a refused
+                # request never reaches the disk.
+                upload.hold(batch)
+            elif batch:
                 writing = loop.run_in_executor(None, upload.feed, batch)
                 batch, batch_bytes = [], 0
             if not chunk:

@@ -47,6 +47,7 @@ class ZipUpload:
         self.error: StorageError | None = None
         self.nfiles = 0  # pfcon's nfiles, once finish() returned
         self._made = False  # the staging dir exists (made on the first bytes)
+        self._held: list[bytes] = []
         self._unpacker = ZipStreamUnpacker(self.staging, self.spool, max_files=max_files,
                                            max_bytes=max_bytes)
 
@@ -70,6 +71,10 @@ class ZipUpload:
             self.error = exc
             self._unpacker.close()
 
+    def hold(self, chunks: list[bytes]) -> None:
+        """Keep the upload's last piece (about a megabyte at most) for :meth:`finish`."""
+        self._held = chunks
+
     def _make_staging(self) -> None:
         try:
             os.mkdir(self.staging)
@@ -80,6 +85,9 @@ class ZipUpload:
 
     def finish(self) -> None:
         """Raise the refusal met while streaming, or check and complete the unpack."""
+        if self._held:
+            self.feed(self._held)
+            self._held = []
         if self.error is not None:
             raise self.error
         self.nfiles = self._unpacker.finish()  # an empty part is refused before any write

@@ -13,6 +13,16 @@ the job's limits (``agent.op_runner``) instead of in a runtime.  The worker's pi
 and start time are persisted with the attempt before it is waited for, so after a
 restart the agent reports the result the worker left, waits for a worker that is
 still running, or runs the (idempotent) operation again.
+
+Removal on request (the controller's Remove) is durable too: a small marker
+``<state>/jobs/removing/<job>.<attempt>.json`` is written before the job record is
+deleted, and deleted only once the workload is gone and ``removed`` is in the
+outbox.  A ``kill -9`` or an engine that is down in between therefore leaves a
+marker, not a workload nothing points at: the agent retries it on every poll and
+after a restart.  A separate marker (not a flag in the job record) because a newer
+attempt of the same job takes over ``jobs/<job>.json`` while the older one may
+still await its removal.  Unreadable records are moved to ``jobs/damaged/`` for an
+operator (the newest ``DAMAGED_KEPT``), not deleted.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +51,8 @@ log = logging.getLogger("pfleet.agent.supervisor")
 START_RETRY_SECONDS = 5.0
 BUILTIN = "builtin"
 FINISHED_KEPT = 4096  # handles of ended attempts remembered for their removal
+DAMAGED_KEPT = 32  # unreadable records kept in jobs/damaged/ for an operator
+STRAYS_NAMED = 20  # workloads without a record named in the startup log line
 
 
 def now_rfc3339() -> str:
@@ -72,6 +85,42 @@ class Tracked:
                    ChildRef.from_dict(data.get("op_child")))
 
 
+@dataclass
+class Removal:
+    """A workload to remove, written down before the job record goes (see module doc).
+
+    ``handle`` is None when the workload was still being created: it is then found
+    by listing the runtime.  ``report``: a live attempt was dropped, so ``removed``
+    is reported once it is gone (an ended attempt already had its final event)."""
+
+    job: str
+    attempt: int
+    name: str
+    handle: Handle | None
+    report: bool
+    restored: bool = False  # loaded after a restart: `removed` may already be queued
+    failures: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.job, self.attempt)
+
+    def to_json(self) -> str:
+        return json.dumps({"job": self.job, "attempt": self.attempt, "name": self.name,
+                           "handle": self.handle.to_dict() if self.handle else None,
+                           "report": self.report})
+
+    @classmethod
+    def from_json(cls, text: str) -> Removal:
+        data = json.loads(text)
+        if (not isinstance(data, dict) or not isinstance(data.get("job"), str)
+                or not data["job"] or type(data.get("attempt")) is not int):
+            raise ValueError("not a removal marker (an object with job and attempt)")
+        handle = Handle.from_dict(data["handle"]) if data.get("handle") else None
+        return cls(data["job"], data["attempt"], str(data.get("name", "")), handle,
+                   bool(data.get("report")), restored=True)
+
+
 class Supervisor:
     def __init__(self, runtime: Runtime, outbox: Outbox, state_dir: Path,
                  storebase_mount: Path, *, poll_interval: float = 5.0,
@@ -80,6 +129,8 @@ class Supervisor:
         self.outbox = outbox
         self.jobs_dir = state_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.removing_dir = self.jobs_dir / "removing"  # made at its first marker
+        self.damaged_dir = self.jobs_dir / "damaged"
         self.storebase_mount = storebase_mount
         self.poll_interval = poll_interval
         self.remove_jobs = remove_jobs
@@ -93,6 +144,8 @@ class Supervisor:
         self.on_event: Callable[[], None] = lambda: None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._check_lock = asyncio.Lock()
+        self._removals: dict[tuple[str, int], Removal] = {}
+        self._removals_lock = asyncio.Lock()
         self._wake = asyncio.Event()
 
     # ------------------------------------------------------------ lifecycle
@@ -105,20 +158,23 @@ class Supervisor:
                 if tracked.spec.job != path.stem:  # finishing would delete another file
                     raise ValueError(f"record of job {tracked.spec.job!r}")
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                log.error("dropping unreadable job record path=%s error=%s", path, exc)
-                path.unlink(missing_ok=True)
+                self._set_aside(path, exc)
                 continue
             self.active[tracked.spec.job] = tracked
-        for tmp in self.jobs_dir.glob("*.tmp"):
+        self._load_removals()
+        for tmp in [*self.jobs_dir.glob("*.tmp"), *self.removing_dir.glob("*.tmp")]:
             tmp.unlink(missing_ok=True)
         self.op_runner.prune(t.spec for t in self.active.values() if t.spec.op is not None)
-        if not self.active:
-            return
         try:
-            found = {h.job: h for h in await self.runtime.list_ours()}
+            listed: list[Handle] = await self.runtime.list_ours()
         except RuntimeUnavailable as exc:
             log.warning("runtime unavailable at startup, will retry error=%s", exc)
-            found = {}
+            listed = []
+        self._log_strays(listed)
+        if self._removals:
+            self._spawn(self.finish_removals(), "removals")
+        found = {h.job: h for h in listed
+                 if h.job in self.active and h.attempt == self.active[h.job].spec.attempt}
         for tracked in list(self.active.values()):
             spec = tracked.spec
             handle = found.get(spec.job)
@@ -149,6 +205,8 @@ class Supervisor:
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
             self._wake.clear()
             await self.check()
+            if self._removals:  # the engine may answer again
+                await self.finish_removals()
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -169,6 +227,8 @@ class Supervisor:
     async def run(self, spec: p.JobSpec) -> None:
         """Take on an attempt.  Idempotent: an attempt already taken is ignored; an
         older attempt of the same job is removed first."""
+        if (spec.job, spec.attempt) in self._removals:
+            return  # removed on request: never started again
         current = self.active.get(spec.job)
         if current is not None:
             if current.spec.attempt >= spec.attempt:
@@ -194,25 +254,22 @@ class Supervisor:
         if tracked is not None and tracked.spec.attempt == attempt:
             await self._drop(tracked, remove_workload=True)
             return
+        pending = self._removals.get((job, attempt))
+        if pending is not None:  # asked again: try now rather than at the next poll
+            if await self._remove_workload(pending):
+                self._settle(pending)
+            return
         if not self.remove_jobs:
             return
         known = self._finished.pop((job, attempt), None)
-        if known is not None:
-            if known.runtime == BUILTIN:
-                return  # an operation leaves no workload behind
-            try:
-                await self.runtime.remove(known, force=True)
-                log.info("removed workload name=%s attempt=%s", known.name, attempt)
-            except RuntimeUnavailable as exc:
-                log.warning("remove failed, runtime unavailable name=%s error=%s", name, exc)
-            return
-        try:
-            for handle in await self.runtime.list_ours():
-                if handle.job == job and handle.attempt == attempt:
-                    await self.runtime.remove(handle, force=True)
-                    log.info("removed workload name=%s attempt=%s", handle.name, attempt)
-        except RuntimeUnavailable as exc:
-            log.warning("remove failed, runtime unavailable name=%s error=%s", name, exc)
+        if known is not None and known.runtime == BUILTIN:
+            return  # an operation leaves no workload behind
+        # No record points at an ended attempt any more: only a failure is written
+        # down (a kill -9 meanwhile leaves it to the controller's reconcile, which
+        # sends Remove again for a deleted job's workload in the inventory).
+        removal = Removal(job, attempt, name, known, report=False)
+        if not await self._remove_workload(removal) and removal.key not in self._removals:
+            self._remember_removal(removal)
 
     async def cancel(self, job: str, attempt: int) -> None:
         tracked = self.active.get(job)
@@ -275,8 +332,16 @@ class Supervisor:
                 await asyncio.sleep(START_RETRY_SECONDS)
                 continue
             if self.active.get(spec.job) is not tracked:  # removed while starting
-                with contextlib.suppress(RuntimeUnavailable):
-                    await self.runtime.remove(handle, force=True)
+                removal = self._removals.get((spec.job, spec.attempt))
+                if removal is None:
+                    removal = Removal(spec.job, spec.attempt, spec.name, handle, report=False)
+                elif removal.handle is None:
+                    removal.handle = handle
+                    self._remember_removal(removal)
+                if await self._remove_workload(removal):
+                    self._settle(removal)
+                elif removal.key not in self._removals:
+                    self._remember_removal(removal)
                 return
             tracked.handle = handle
             self._persist(tracked)
@@ -404,19 +469,132 @@ class Supervisor:
                  tracked.spec.name, tracked.spec.attempt, event.state, event.exit_code)
 
     async def _drop(self, tracked: Tracked, *, remove_workload: bool) -> None:
-        if self.active.get(tracked.spec.job) is tracked:
-            del self.active[tracked.spec.job]
-        self._unrecord(tracked.spec.job)
-        handle = tracked.handle
-        if tracked.spec.op is not None:
-            self.op_runner.kill(tracked.spec, tracked.op_child)  # its task then forgets it
-        if remove_workload and handle is not None and handle.runtime != BUILTIN:
+        spec = tracked.spec
+        if self.active.get(spec.job) is tracked:
+            del self.active[spec.job]
+        removal = None
+        if remove_workload and spec.op is None:
+            # Written before the record goes: see the module docstring.
+            removal = Removal(spec.job, spec.attempt, spec.name, tracked.handle, report=True)
+            self._remember_removal(removal)
+        self._unrecord(spec.job)
+        if spec.op is not None:
+            self.op_runner.kill(spec, tracked.op_child)  # its task then forgets it
+        if removal is None:
+            self._report(p.Event(seq=0, job=spec.job, attempt=spec.attempt, state="removed"))
+        elif await self._remove_workload(removal):
+            self._settle(removal)
+
+    # ------------------------------------------------------------- removals
+
+    async def finish_removals(self) -> None:
+        """Retry the removals the runtime could not do yet (or a restart interrupted)."""
+        async with self._removals_lock:
+            for removal in list(self._removals.values()):
+                if self._removals.get(removal.key) is removal \
+                        and await self._remove_workload(removal):
+                    self._settle(removal)
+
+    async def _remove_workload(self, removal: Removal) -> bool:
+        """Remove the workload (found by listing when no handle is known); False when
+        the runtime cannot be asked now."""
+        try:
+            if removal.handle is None:
+                for handle in await self.runtime.list_ours():
+                    if (handle.job, handle.attempt) == removal.key:
+                        await self.runtime.remove(handle, force=True)
+            elif removal.handle.runtime != BUILTIN:
+                await self.runtime.remove(removal.handle, force=True)
+        except RuntimeUnavailable as exc:
+            removal.failures += 1
+            log.log(logging.WARNING if removal.failures == 1 else logging.DEBUG,
+                    "remove failed, retried while the runtime is unavailable name=%s "
+                    "attempt=%s error=%s", removal.name, removal.attempt, exc)
+            return False
+        log.info("removed workload name=%s attempt=%s", removal.name, removal.attempt)
+        return True
+
+    def _settle(self, removal: Removal) -> None:
+        """The workload is gone: report ``removed`` (once), then forget the marker."""
+        if self._removals.get(removal.key) is not removal:
+            return  # never written down, or settled meanwhile by a concurrent removal
+        del self._removals[removal.key]
+        if removal.report and not (removal.restored and self._removed_queued(removal)):
+            self._report(p.Event(seq=0, job=removal.job, attempt=removal.attempt,
+                                 state="removed"))
+        # After the event is in the outbox, with no await in between: a kill -9 here
+        # leaves a marker whose `removed` is already queued (``_removed_queued``).
+        try:
+            self._removal_path(removal).unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("cannot delete removal marker path=%s error=%s",
+                      self._removal_path(removal), exc)
+
+    def _removed_queued(self, removal: Removal) -> bool:
+        return any(e.job == removal.job and e.attempt == removal.attempt
+                   and e.state == "removed" for e in self.outbox.pending())
+
+    def _remember_removal(self, removal: Removal) -> None:
+        self._removals[removal.key] = removal
+        try:
+            self.removing_dir.mkdir(exist_ok=True)
+            self._records.replace(self._removal_path(removal), removal.to_json().encode())
+        except OSError as exc:  # a full disk: retried while the agent runs, not after
+            log.error("cannot write removal marker path=%s error=%s",
+                      self._removal_path(removal), exc)
+
+    def _removal_path(self, removal: Removal) -> Path:
+        return self.removing_dir / f"{removal.job}.{removal.attempt}.json"
+
+    def _load_removals(self) -> None:
+        for path in sorted(self.removing_dir.glob("*.json")):
             try:
-                await self.runtime.remove(handle, force=True)
-            except RuntimeUnavailable as exc:
-                log.warning("remove failed name=%s error=%s", tracked.spec.name, exc)
-        self._report(p.Event(seq=0, job=tracked.spec.job, attempt=tracked.spec.attempt,
-                             state="removed"))
+                removal = Removal.from_json(path.read_text())
+                if path.name != self._removal_path(removal).name:
+                    raise ValueError(f"marker of {removal.job!r} attempt {removal.attempt}")
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                self._set_aside(path, exc)
+                continue
+            self._removals[removal.key] = removal
+            tracked = self.active.get(removal.job)
+            if tracked is not None and tracked.spec.attempt == removal.attempt:
+                # Killed between the marker and the record's deletion: finish that.
+                del self.active[removal.job]
+                self._unrecord(removal.job)
+
+    def _log_strays(self, listed: list[Handle]) -> None:
+        """Name the workloads no record points at.  They are left alone: an ended
+        attempt's workload stays until the controller removes it (kept for good with
+        REMOVE_JOBS=false), and only the controller knows which jobs were deleted;
+        its reconcile on connect sends Remove for those in the inventory."""
+        known = set(self._removals) | {(t.spec.job, t.spec.attempt)
+                                       for t in self.active.values()}
+        strays = sorted(h.name for h in listed if (h.job, h.attempt) not in known)
+        if strays:
+            more = len(strays) - STRAYS_NAMED
+            log.info("workloads without a job record, left to the controller's reconcile "
+                     "count=%d names=%s%s", len(strays), ",".join(strays[:STRAYS_NAMED]),
+                     f" (and {more} more)" if more > 0 else "")
+
+    def _set_aside(self, path: Path, error: Exception) -> None:
+        """Move an unreadable record out of the way for an operator, keeping only the
+        newest ``DAMAGED_KEPT`` (names start with the UTC time they were set aside)."""
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        target = self.damaged_dir / f"{stamp}-{path.parent.name}-{path.name}"
+        try:
+            self.damaged_dir.mkdir(exist_ok=True)
+            os.replace(path, target)
+        except OSError as exc:
+            log.error("dropping unreadable record, cannot set it aside path=%s error=%s "
+                      "move_error=%s", path, error, exc)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+            return
+        log.error("set aside unreadable record path=%s moved_to=%s error=%s", path, target,
+                  error)
+        with contextlib.suppress(OSError):
+            for old in sorted(self.damaged_dir.iterdir())[:-DAMAGED_KEPT]:
+                old.unlink(missing_ok=True)
 
     def _report(self, event: p.Event) -> None:
         self.outbox.enqueue(event)

@@ -92,6 +92,12 @@ class SerialWorker:
               args: tuple[Any, ...]) -> tuple[asyncio.Future[Any], Any, BaseException | None]:
         try:
             return future, fn(*args), None
+        except StopIteration as exc:
+            # A Future refuses it: set_exception raised in _deliver, and this caller
+            # and the rest of the batch waited forever.  Raised as a generator would.
+            error = RuntimeError("the call raised StopIteration")
+            error.__cause__ = exc
+            return future, None, error
         except BaseException as exc:  # handed to the caller, as an executor does
             return future, None, exc
 

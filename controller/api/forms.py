@@ -34,6 +34,7 @@ JID_RULE = ("must start with a letter or digit and contain only letters, digits,
 
 MAX_TEXT_FIELDS_BYTES = 4 << 20  # all text parts of one request together
 FEED_BYTES = 1 << 20  # hand the unpacker about this much at a time
+SMALL_CHUNK_BYTES = 4 << 10  # smaller network chunks are joined before they are kept
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,9 @@ async def _receive_zip(reader: FormReader, body: FormBody, new_upload: UploadFac
     writing: asyncio.Future[None] | None = None
     batch: list[bytes] = []
     batch_bytes = 0
+    # A client trickling a few bytes per packet gets chunks that small: in a list,
+    # each cost about 40 bytes of memory per byte of data, so they are joined here.
+    small = bytearray()
     try:
         while True:
             chunk = await _read_chunk(reader, FEED_BYTES)
@@ -275,12 +279,27 @@ async def _receive_zip(reader: FormReader, body: FormBody, new_upload: UploadFac
                 if received > max_upload_bytes:
                     raise PayloadTooLarge(
                         f"data_file: upload larger than {max_upload_bytes >> 20} MiB")
+                if len(chunk) < SMALL_CHUNK_BYTES:
+                    small += chunk
+                    if len(small) < SMALL_CHUNK_BYTES:
+                        continue
+                    chunk = bytes(small)
+                    small.clear()
+                elif small:
+                    batch.append(bytes(small))
+                    batch_bytes += len(small)
+                    small.clear()
                 batch.append(chunk)
                 batch_bytes += len(chunk)
                 if batch_bytes < FEED_BYTES:
                     continue
+            elif small:  # the body's end: the joined tail goes with the last piece
+                batch.append(bytes(small))
+                small.clear()
             if writing is not None:
-                await writing
+                # Shielded: a cancel here cancelled the write's future while the
+                # write went on, and the finally below let the discard run beside it.
+                await asyncio.shield(writing)
                 writing = None
             if batch and not chunk:
                 # The last piece is written by the worker call that completes the

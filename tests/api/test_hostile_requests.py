@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
+import os
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import aiohttp
 from controller.store import STORE
 from tests.api.conformance_support import DEFAULT_ZIP, leftovers, open_harness, plugin_fields
 from tests.conftest import Harness
+from tests.support.zips import make_zip
 
 BOUNDARY = "hostile"
 MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
@@ -221,3 +224,48 @@ async def test_head_of_a_zip_download_has_no_body(harness: Harness) -> None:
     assert first.startswith(b"HTTP/1.1 200 ") and b"application/zip" in first, answer[:300]
     assert rest.startswith(b"HTTP/1.1 200 "), answer[:300]
     assert rest.endswith(b'"health": "OK"\n}\n'), rest[-300:]
+
+
+async def test_a_body_in_tiny_http_chunks_is_read_whole(harness: Harness) -> None:
+    """Transfer-Encoding: chunked, 7 bytes per HTTP chunk: the reader takes the
+    body one network read at a time, and the ends of HTTP chunks are not its end."""
+    body = plugin_parts("chunked-1") + zip_part() + END
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for at in range(0, len(body), 7):
+            yield body[at:at + 7]
+
+    async with aiohttp.ClientSession(headers=harness.headers()) as s:
+        r = await s.post(harness.base + "pluginjobs/", data=pieces(),
+                         headers={"Content-Type": MULTIPART})
+        assert r.status == 201, await r.text()
+        assert r.request_info.headers.get("Transfer-Encoding") == "chunked"
+
+
+async def test_a_client_gone_mid_upload_leaves_nothing(harness: Harness) -> None:
+    """The connection drops inside data_file, after megabytes were unpacked: the
+    staged upload is removed and no job is made."""
+    jid = "gone-1"
+    data = make_zip({"big.bin": os.urandom(4 << 20)})  # random: deflate keeps it big
+    body = plugin_parts(jid) + part("data_file", data, filename="data_file") + END
+    sent = body[:len(body) - (1 << 20)]
+    head = (f"POST /api/v1/pluginjobs/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {harness.token()}\r\nContent-Type: {MULTIPART}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    _, writer = await asyncio.open_connection("127.0.0.1", harness.server.port)
+    try:
+        writer.write(head + sent)
+        await writer.drain()
+        await until(lambda: leftovers(harness, jid), "the upload was never staged")
+    finally:
+        writer.transport.abort()
+    await until(lambda: not leftovers(harness, jid), "the upload was left behind")
+    await nothing_left(harness, jid)
+
+
+async def until(condition: Callable[[], object], what: str) -> None:
+    for _ in range(200):  # 10 s at most
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(what)

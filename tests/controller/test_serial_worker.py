@@ -44,6 +44,28 @@ async def test_an_exception_reaches_its_caller_only() -> None:
     assert isinstance(failed, KeyError)
 
 
+async def test_a_call_raising_stop_iteration_blocks_no_caller() -> None:
+    """A Future refuses StopIteration: its caller and every later call of the same
+    batch waited forever."""
+    worker = SerialWorker("test-serial")
+    gate = threading.Event()
+
+    def stop() -> None:
+        raise StopIteration
+
+    try:
+        blocker = worker.run(gate.wait, 5)
+        failed, after = worker.run(stop), worker.run(int, "3")  # one batch, after the gate
+        gate.set()
+        assert await blocker is True
+        async with asyncio.timeout(5):
+            with pytest.raises(RuntimeError, match="StopIteration"):
+                await failed
+            assert await after == 3
+    finally:
+        worker.stop()
+
+
 async def test_a_call_whose_caller_was_cancelled_still_runs() -> None:
     """A store write that was handed over happens, as with an executor once started."""
     worker = SerialWorker("test-serial")

@@ -64,12 +64,26 @@ MAX_LINK_SIZE = 4096
 _CHUNK = 1 << 30
 _OPEN_SRC = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_DST = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
 _NOWAIT_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
 _BY_NAME = operator.attrgetter("name")
 
 Parts = tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _DirRef:
+    """A directory by path, and by an open descriptor while the walk is in it (files
+    are then opened by name relative to it)."""
+
+    path: str
+    fd: int | None = None
+
+    def name(self, name: str) -> str:
+        """What to open for ``name``: itself with the descriptor, else its path."""
+        return name if self.fd is not None else os.path.join(self.path, name)
 
 
 class CopyError(Exception):
@@ -182,25 +196,42 @@ class _Fetch:
                 continue
             if current != target and current in visited:
                 continue  # an earlier target's walk copied it (to the same place)
+            stack.extend(reversed(self._walk_dir(current, prefix, queue)))
+
+    def _walk_dir(self, current: Parts, prefix: Parts,
+                  queue: collections.deque[tuple[Parts, Parts | None]]) -> list[Parts]:
+        """Copy the files of one directory; return its subdirectories.
+
+        Files are opened relative to descriptors of their source and destination
+        directories: a path walked again for every file cost a fifth of a warm copy.
+        """
+        src_dir = os.path.join(self.root, *current)
+        try:
+            src_fd = os.open(src_dir, _OPEN_DIR)
+        except OSError as exc:
+            raise CopyError(f"cannot read input directory {_show(current)!r}: "
+                            f"{exc.strerror or exc}") from None
+        # a file lands at its storage path less the input dir, when it is inside it
+        dest = current[len(prefix):] if current[:len(prefix)] == prefix else current
+        dst: _DirRef | None = None  # created with the first file (no empty dirs)
+        subdirs: list[Parts] = []
+        try:
             try:
-                with os.scandir(os.path.join(self.root, *current)) as it:
+                with os.scandir(src_fd) as it:
                     entries = sorted(it, key=_BY_NAME)
             except OSError as exc:
                 raise CopyError(f"cannot read input directory {_show(current)!r}: "
                                 f"{exc.strerror or exc}") from None
-            # a file lands at its storage path less the input dir, when it is inside it
-            dest = current[len(prefix):] if current[:len(prefix)] == prefix else current
-            dst_dir: str | None = None  # created with the first file (no empty dirs)
-            subdirs: list[Parts] = []
+            source = _DirRef(src_dir, src_fd)
             for entry in entries:
                 name = entry.name
                 try:
                     if entry.is_file(follow_symlinks=False):
                         if name.endswith(LINK_SUFFIX):
                             self._link((*current, name), queue)
-                        if dst_dir is None:
-                            dst_dir = self._ensure_dir(dest)
-                        self._file(entry.path, dst_dir, name, current)
+                        if dst is None:
+                            dst = self._open_dest(dest)
+                        self._file(source, name, dst, current)
                     elif entry.is_dir(follow_symlinks=False):
                         subdirs.append((*current, name))
                     elif entry.is_symlink():
@@ -209,7 +240,19 @@ class _Fetch:
                         self.stats.skipped += 1  # fifo, socket, device
                 except FileNotFoundError:
                     continue  # vanished while we looked
-            stack.extend(reversed(subdirs))
+        finally:
+            os.close(src_fd)
+            if dst is not None and dst.fd is not None:
+                os.close(dst.fd)
+        return subdirs
+
+    def _open_dest(self, parts: Parts) -> _DirRef:
+        path = self._ensure_dir(parts)
+        try:
+            return _DirRef(path, os.open(path, _OPEN_DIR))
+        except OSError as exc:
+            raise CopyError(f"cannot open {_show(parts)!r} in incoming: "
+                            f"{exc.strerror or exc}") from None
 
     def _lookup(self, parts: Parts) -> str | None:
         """"dir", "file" or None (missing, or behind a symlink that stays inside)."""
@@ -248,8 +291,8 @@ class _Fetch:
             return
         if rel[-1].endswith(LINK_SUFFIX):
             self._link(rel, queue)
-        self._file(os.path.join(self.root, *rel), self._ensure_dir(dest[:-1]), dest[-1],
-                   rel[:-1])
+        self._file(_DirRef(os.path.join(self.root, *rel[:-1])), rel[-1],
+                   _DirRef(self._ensure_dir(dest[:-1])), rel[:-1])
 
     def _link(self, rel: Parts, queue: collections.deque[tuple[Parts, Parts | None]]) -> None:
         """A ChRIS link file: check its target and queue it (the file is copied too)."""
@@ -289,11 +332,11 @@ class _Fetch:
 
     # -------------------------------------------------------------- copying
 
-    def _file(self, src: str, dst_dir: str, name: str, parent: Parts) -> None:
+    def _file(self, src: _DirRef, name: str, dst: _DirRef, parent: Parts) -> None:
         """Copy one file here when its data is cached, else queue it for the pool."""
         if self._inline:
             try:
-                size = self._copy_cached(src, dst_dir, name)
+                size = self._copy_cached(src, name, dst)
             except OSError as exc:
                 raise CopyError(f"cannot copy {_show((*parent, name))!r}: "
                                 f"{exc.strerror or exc}") from None
@@ -302,22 +345,23 @@ class _Fetch:
                     self.stats.files += 1
                     self.stats.bytes += size
                 return
-        if self._batch and (self._batch_dir != dst_dir or len(self._batch) >= BATCH_FILES
+        # the pool works by path: a batch outlives the walker's descriptors
+        if self._batch and (self._batch_dir != dst.path or len(self._batch) >= BATCH_FILES
                             or self._batch_prefetch >= BATCH_PREFETCH):
             self.flush()
         if not self._batch:
             self.raise_failure()
-            self._batch_dir = dst_dir
-        self._batch.append((src, name, (*parent, name)))
+            self._batch_dir = dst.path
+        self._batch.append((os.path.join(src.path, name), name, (*parent, name)))
 
-    def _copy_cached(self, src: str, dst_dir: str, name: str) -> int | None:
+    def _copy_cached(self, src: _DirRef, name: str, dst: _DirRef) -> int | None:
         """Copy a small file whose data is all in the page cache through one buffer.
 
         Returns its size, -1 if it vanished or is not a regular file, None when it
         is large or not (all) cached: the pool copies it then, and a small one is
         already being read ahead for it.
         """
-        opened = _open_regular(src)
+        opened = _open_regular(src.name(name), src.fd)
         if opened is None:
             return -1
         sfd, size = opened
@@ -339,7 +383,7 @@ class _Fetch:
                         os.posix_fadvise(sfd, 0, size, _WILLNEED)
                     self._batch_prefetch += size
                 return None
-            return self._store(dst_dir, name, self._view[:size], -1, size)
+            return self._store(dst, name, self._view[:size], -1, size)
         finally:
             os.close(sfd)
 
@@ -418,26 +462,26 @@ class _Fetch:
             return -1
         sfd, size = opened
         try:
-            return self._store(dst_dir, name, None, sfd, size)
+            return self._store(_DirRef(dst_dir), name, None, sfd, size)
         finally:
             os.close(sfd)
 
-    def _store(self, dst_dir: str, name: str, data: memoryview | None, sfd: int,
+    def _store(self, dst: _DirRef, name: str, data: memoryview | None, sfd: int,
                size: int) -> int:
-        """Write ``data`` (or copy ``size`` bytes of ``sfd``) to ``dst_dir/name``.
+        """Write ``data`` (or copy ``size`` bytes of ``sfd``) to ``name`` in ``dst``.
 
         ``incoming`` is fresh and private to this job, so the file is written at its
         final name and removed again if the copy fails.  Two inputs that map to one
         name (two input dirs holding the same path) replace each other whole, as
         pfcon's copies do: the second goes through a temporary name and a rename.
         """
-        final = os.path.join(dst_dir, name)
+        final = dst.name(name)
         try:
-            dst = final
-            dfd = os.open(dst, _OPEN_DST, 0o644)
+            target = final
+            dfd = os.open(target, _OPEN_DST, 0o644, dir_fd=dst.fd)
         except FileExistsError:
-            dst = os.path.join(dst_dir, f".pfleet-{threading.get_ident()}.part")
-            dfd = os.open(dst, (_OPEN_DST & ~os.O_EXCL) | os.O_TRUNC, 0o644)
+            target = dst.name(f".pfleet-{threading.get_ident()}.part")
+            dfd = os.open(target, (_OPEN_DST & ~os.O_EXCL) | os.O_TRUNC, 0o644, dir_fd=dst.fd)
         try:
             try:
                 if data is None:
@@ -449,20 +493,21 @@ class _Fetch:
                     os.fchmod(dfd, 0o644)
             finally:
                 os.close(dfd)
-            if dst != final:
-                os.rename(dst, final)
+            if target != final:
+                os.rename(target, final, src_dir_fd=dst.fd, dst_dir_fd=dst.fd)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(dst)
+                os.unlink(target, dir_fd=dst.fd)
             raise
         return size
 
 
-def _open_regular(src: str) -> tuple[int, int] | None:
-    """An open descriptor of ``src`` and its size, or None when it vanished or is not
-    (any more) a regular file; the caller closes the descriptor."""
+def _open_regular(src: str, dir_fd: int | None = None) -> tuple[int, int] | None:
+    """An open descriptor of ``src`` (relative to ``dir_fd`` if given) and its size, or
+    None when it vanished or is not (any more) a regular file; the caller closes the
+    descriptor."""
     try:
-        fd = os.open(src, _OPEN_SRC)
+        fd = os.open(src, _OPEN_SRC, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     try:

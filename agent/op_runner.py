@@ -7,15 +7,20 @@ from a warm fork server (``agent.op_forkserver``: a few ms instead of ~0.1 s of 
 for a new interpreter) or, when that is not available, started as
 ``python -m agent.op_worker``.  Either way the worker is limited like this:
 
-* **memory**: a cgroup memory limit of ``memory_limit`` MiB (swap included where
-  the kernel accounts it) when the agent can create cgroups: cgroup v1
-  ``<memory mount>/<agent's cgroup>/pfleet/<leaf>/memory.limit_in_bytes``, or
-  v2 ``memory.max``.  The leaf lives *under the agent's own cgroup*, so the
-  agent's own limits still hold.  Exceeding it gets the worker OOM-killed: the
-  op fails with ``OOMKilled``, exit code 137, ``oom`` set.  Without cgroups the
-  worker gets ``RLIMIT_AS`` of ``max(memory_limit, 256)`` MiB (the floor lets the
-  interpreter start; an address-space limit counts mappings, not use, so it is
-  looser than a cgroup) and a ``MemoryError`` is reported as ``OOMKilled`` too.
+* **memory**: ``RLIMIT_DATA`` of ``memory_limit`` MiB, set by the worker before it
+  reads any operation data.  It bounds what the operation itself allocates (heap,
+  buffers, thread stacks); beyond it an allocation fails and the op ends
+  ``OOMKilled``, exit code 137, ``oom`` set; a limit smaller than the worker
+  already is (about 40 MiB) is refused the same way at once.  The page cache of
+  the files the operation moves is not counted: with a hard memory cgroup of 300
+  MiB a copy of 1 GiB had to wait for its writes to reach the disk (1.7x ``cp``)
+  and evicted most of ``incoming`` before the plugin could read it.  pfcon asks
+  Docker for ``memory_limit`` only as a reservation for its op containers.  On
+  cgroup v1 the worker's memory cgroup
+  (``<memory mount>/<agent's cgroup>/pfleet/<leaf>``) gets that reservation as
+  ``memory.soft_limit_in_bytes``, so under memory pressure its cache is reclaimed
+  first; on v2 the leaf only accounts.  The leaf lives *under the agent's own
+  cgroup*, so the agent's own limits still hold.
 * **cpu**: a CFS quota of ``cpu_limit`` millicores (v1 ``cpu.cfs_quota_us`` /
   ``cpu.cfs_period_us``, v2 ``cpu.max``) when the cpu controller is usable,
   otherwise none (logged once).
@@ -50,7 +55,6 @@ import json
 import logging
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -66,15 +70,15 @@ from agent.op_forkserver import ForkServer, ForkServerError
 from agent.ops import small_delete
 from agent.protocol import JobSpec
 
-__all__ = ["OOM_EXIT_CODE", "RLIMIT_FLOOR_MIB", "ChildRef", "OpResult", "OpRunner",
-           "detect_cgroups", "process_start_time", "set_cpu_quota", "set_memory_limit"]
+__all__ = ["OOM_EXIT_CODE", "ChildRef", "OpResult", "OpRunner",
+           "detect_cgroups", "process_start_time", "set_cpu_quota", "set_memory_limit",
+           "set_memory_reservation"]
 
 log = logging.getLogger("pfleet.agent.op_runner")
 
 OWN_CHILD_POLL_CAP = 0.02  # seconds between exit checks of a worker we started
 
 MIB = 1024 * 1024
-RLIMIT_FLOOR_MIB = 256
 CPU_PERIOD_US = 100_000
 MIN_CPU_QUOTA_US = 1_000
 CGROUP_PARENT = "pfleet"
@@ -260,6 +264,13 @@ def set_memory_limit(leaf: Path, version: int, limit: int) -> None:
             _write(leaf / "memory.swap.max", "0")
 
 
+def set_memory_reservation(leaf: Path, version: int, limit: int) -> None:
+    """What the operation's cache should be reclaimed down to first under memory
+    pressure (cgroup v1 soft limit; v2 has no such knob and only accounts)."""
+    if version == 1:
+        _write(leaf / "memory.soft_limit_in_bytes", str(limit))
+
+
 def set_cpu_quota(leaf: Path, version: int, millicores: int) -> None:
     """A CFS quota of ``millicores`` (1000 = one CPU)."""
     quota = max(MIN_CPU_QUOTA_US, millicores * CPU_PERIOD_US // 1000)
@@ -290,15 +301,14 @@ def _oom_kills(leaf: Path, version: int) -> int | None:
 @dataclass
 class _Limits:
     cgroup_procs: list[str]
-    rlimit_as: int | None
-    memory_cgroup: bool
+    memory: int | None  # RLIMIT_DATA, bytes
 
 
 class OpRunner:
     """Starts operation workers, waits for them, and re-attaches after a restart.
 
     ``work_dir`` holds one directory per attempt (kept until :meth:`forget`);
-    ``use_cgroups=False`` forces the ``RLIMIT_AS`` fallback; ``enforce_limits=False``
+    ``use_cgroups=False`` runs them without cgroups (no CPU limit); ``enforce_limits=False``
     runs operations unlimited (the agent's ``IGNORE_LIMITS``).  Workers are forked
     from a warm fork server (``agent.op_forkserver``) unless ``fork_server=False``
     or it cannot run; then each is a new ``python -m agent.op_worker``.
@@ -452,8 +462,9 @@ class OpRunner:
         if not self.enforce_limits:
             return "memory=none cpu=none (limits ignored)"
         h = self.hierarchies()
-        memory = f"cgroup v{h['memory'].version}" if "memory" in h else \
-            f"RLIMIT_AS (floor {RLIMIT_FLOOR_MIB} MiB)"
+        memory = "RLIMIT_DATA"
+        if "memory" in h and h["memory"].version == 1:
+            memory += " + cgroup v1 soft limit"
         cpu = f"cgroup v{h['cpu'].version}" if "cpu" in h else "none"
         return f"memory={memory} cpu={cpu}"
 
@@ -491,7 +502,7 @@ class OpRunner:
         ref = ChildRef(pid, process_start_time(pid) or 0)
         log.info("operation started jid=%s name=%s pid=%s cpu=%sm memory=%sMiB limits=%s",
                  spec.jid, spec.name, pid, spec.cpu_limit, spec.memory_limit,
-                 "cgroup" if limits.memory_cgroup else "rlimit")
+                 "cgroup" if limits.cgroup_procs else "rlimit")
         try:
             if on_started is not None:
                 on_started(ref)
@@ -510,7 +521,7 @@ class OpRunner:
                 self._forks.release(pid)
             if code is None:  # the fork server went away first
                 await self._wait_foreign(ref)
-        result = self._read_result(work) or self._from_exit(spec, work, code, limits)
+        result = self._read_result(work) or self._from_exit(spec, work, code)
         await self._remove_cgroups(spec)
         return result
 
@@ -528,7 +539,7 @@ class OpRunner:
                    "job": spec.job, "attempt": spec.attempt,
                    "lock": os.fspath(work / LOCK_FILE),
                    "limits": {"cgroup_procs": limits.cgroup_procs,
-                              "rlimit_as": limits.rlimit_as}}
+                              "memory": limits.memory}}
         request_path = work / "request.json"
         fd = os.open(request_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -573,22 +584,18 @@ class OpRunner:
 
         A limit of 0 (or less) means none, as for containers."""
         if not self.enforce_limits:
-            return _Limits([], None, False)
+            return _Limits([], None)
         hierarchies = self.hierarchies()
         procs: list[str] = []
-        memory_cgroup = False
         if spec.memory_limit > 0 and "memory" in hierarchies:
             try:
                 leaf = self._make_leaf(hierarchies["memory"], spec, "memory")
-                set_memory_limit(leaf, hierarchies["memory"].version, spec.memory_limit * MIB)
+                set_memory_reservation(leaf, hierarchies["memory"].version,
+                                       spec.memory_limit * MIB)
                 procs.append(os.fspath(leaf / "cgroup.procs"))
-                memory_cgroup = True
             except OSError as exc:
-                self._warn_once("memory", "no memory cgroup for operations, using RLIMIT_AS "
-                                "(floor %s MiB) error=%s", RLIMIT_FLOOR_MIB, exc)
-        elif spec.memory_limit > 0:
-            self._warn_once("memory", "no usable memory cgroup for operations, using "
-                            "RLIMIT_AS (floor %s MiB)", RLIMIT_FLOOR_MIB)
+                self._warn_once("memory", "no memory cgroup for operations (their cache is "
+                                "not reserved) error=%s", exc)
         if spec.cpu_limit > 0 and "cpu" in hierarchies:
             try:
                 leaf = self._make_leaf(hierarchies["cpu"], spec, "cpu")
@@ -600,10 +607,8 @@ class OpRunner:
                                 "CPU limit error=%s", exc)
         elif spec.cpu_limit > 0:
             self._warn_once("cpu", "no usable cpu cgroup, operations run without a CPU limit")
-        rlimit = None
-        if spec.memory_limit > 0 and not memory_cgroup:
-            rlimit = max(spec.memory_limit, RLIMIT_FLOOR_MIB) * MIB
-        return _Limits(procs, rlimit, memory_cgroup)
+        memory = spec.memory_limit * MIB if spec.memory_limit > 0 else None
+        return _Limits(procs, memory)
 
     def _make_leaf(self, h: _Hierarchy, spec: JobSpec, ctrl: str) -> Path:
         parent = h.own / CGROUP_PARENT
@@ -617,7 +622,8 @@ class OpRunner:
         return leaf
 
     def _attach(self, pid: int, limits: _Limits) -> None:
-        """Put a fresh worker under its limits at once (it also does so itself)."""
+        """Put a fresh worker in its cgroups at once (it also does so itself, and sets
+        its memory limit before it reads any operation data)."""
         for procs in limits.cgroup_procs:
             try:
                 _write(Path(procs), str(pid))
@@ -626,9 +632,6 @@ class OpRunner:
             except OSError as exc:
                 log.warning("could not move operation worker into its cgroup pid=%s "
                             "error=%s", pid, exc)
-        if limits.rlimit_as:
-            with contextlib.suppress(OSError, ValueError):
-                resource.prlimit(pid, resource.RLIMIT_AS, (limits.rlimit_as, limits.rlimit_as))
 
     async def _wait_foreign(self, child: ChildRef) -> None:
         """Wait for a worker that is not our child (started before a restart)."""
@@ -655,11 +658,10 @@ class OpRunner:
 
     @staticmethod
     def _oom_result(spec: JobSpec) -> OpResult:
-        return OpResult(OOM_EXIT_CODE, f"the operation exceeded its memory limit of "
-                        f"{spec.memory_limit} MiB and was killed\n", "OOMKilled", True)
+        return OpResult(OOM_EXIT_CODE, "the operation was killed by the kernel's OOM killer "
+                        f"(memory_limit {spec.memory_limit} MiB)\n", "OOMKilled", True)
 
-    def _from_exit(self, spec: JobSpec, work: Path, code: int | None,
-                   limits: _Limits) -> OpResult:
+    def _from_exit(self, spec: JobSpec, work: Path, code: int | None) -> OpResult:
         """What happened to a worker that ended without writing a result (``code``
         None: its exit status is not known)."""
         try:
@@ -677,12 +679,6 @@ class OpRunner:
                 return self._oom_result(spec)
             return OpResult(1, tail, "operation worker ended without a result"
                             + (f": {last[:300]}" if last else ""))
-        if code == -signal.SIGKILL and limits.memory_cgroup:
-            h = self.hierarchies()["memory"]
-            leaf = self.cgroup_dir(spec, "memory")
-            kills = _oom_kills(leaf, h.version) if leaf is not None else None
-            if kills is None or kills > 0:
-                return self._oom_result(spec)
         if code < 0:
             try:
                 name = signal.Signals(-code).name

@@ -32,7 +32,6 @@ import pytest
 from agent import protocol as p
 from agent.op_runner import (
     INLINE_DELETE_ENTRIES,
-    RLIMIT_FLOOR_MIB,
     ChildRef,
     OpResult,
     OpRunner,
@@ -230,46 +229,75 @@ async def test_cgroup_limits_are_set_and_removed(runner: OpRunner, pids: Pids) -
     assert f"/pfleet/{memory.name}\n" in membership
     assert runner.hierarchies()["memory"].version in (1, 2)
     if runner.hierarchies()["memory"].version == 1:
-        assert int((memory / "memory.limit_in_bytes").read_text()) == 200 * MiB
+        # the page cache is reserved, not capped: the cap is on the worker's own memory
+        assert int((memory / "memory.soft_limit_in_bytes").read_text()) == 200 * MiB
+        assert int((memory / "memory.limit_in_bytes").read_text()) > 1 << 40
         assert int((cpu / "cpu.cfs_quota_us").read_text()) == 50_000
         assert int((cpu / "cpu.cfs_period_us").read_text()) == 100_000
     else:
-        assert int((memory / "memory.max").read_text()) == 200 * MiB
+        assert (memory / "memory.max").read_text().strip() == "max"
         assert (cpu / "cpu.max").read_text().split() == ["50000", "100000"]
     assert str(seen[0].pid) in (memory / "cgroup.procs").read_text().split()
     os.kill(seen[0].pid, signal.SIGCONT)
     result = await asyncio.wait_for(task, WAIT)
     assert result.exit_code == 0, result
+    assert "memory limit 200 MiB (RLIMIT_DATA)" in worker_log(runner, spec)
     assert not memory.exists() and not cpu.exists()
 
 
-async def test_too_little_memory_is_oomkilled(runner: OpRunner) -> None:
-    needs_cgroups(runner)
+def worker_log(runner: OpRunner, spec: p.JobSpec) -> str:
+    return (runner.op_dir(spec) / "stderr.log").read_text()
+
+
+@pytest.mark.parametrize("use_cgroups", [True, False])
+async def test_a_limit_below_the_worker_itself_is_refused_at_once(
+        tmp_path: Path, sb: Path, use_cgroups: bool,
+        make_runner: Callable[..., OpRunner]) -> None:
+    runner = make_runner(tmp_path / "ops", sb, use_cgroups=use_cgroups, poll_interval=0.05)
     spec = copy_spec(memory=1)
     result = await asyncio.wait_for(runner.run(spec), WAIT)
     assert (result.exit_code, result.oom, result.message) == (137, True, "OOMKilled")
-    assert "memory limit of 1 MiB" in result.log
+    assert "more than its memory limit of 1 MiB" in result.log, result.log
+    assert incoming_files(sb) == 0  # refused before it copied anything
     memory = runner.cgroup_dir(spec, "memory")
-    assert memory is not None and not memory.exists()
+    assert memory is None or not memory.exists()
 
 
-@pytest.mark.parametrize(("memory", "expected"), [(100, RLIMIT_FLOOR_MIB), (700, 700)])
-async def test_without_cgroups_the_address_space_is_limited(tmp_path: Path, sb: Path,
-                                                            pids: Pids, memory: int,
-                                                            expected: int,
+@pytest.mark.parametrize("use_cgroups", [True, False])
+async def test_the_worker_runs_under_its_memory_limit(
+        tmp_path: Path, sb: Path, use_cgroups: bool,
         make_runner: Callable[..., OpRunner]) -> None:
-    runner = make_runner(tmp_path / "ops-rlimit", sb, use_cgroups=False, poll_interval=0.05)
-    assert runner.describe_limits() == f"memory=RLIMIT_AS (floor {RLIMIT_FLOOR_MIB} MiB) cpu=none"
-    seen: list[ChildRef] = []
-    task = asyncio.create_task(runner.run(copy_spec(memory=memory),
-                                          on_started=freeze(pids, seen)))
-    await until(lambda: seen, "the worker to start")
-    limits = proc_file(seen[0].pid, "limits").splitlines()
-    line = next(x for x in limits if x.startswith("Max address space"))
-    assert line.split()[3:5] == [str(expected * MiB), str(expected * MiB)]
-    os.kill(seen[0].pid, signal.SIGCONT)
-    result = await asyncio.wait_for(task, WAIT)
+    runner = make_runner(tmp_path / "ops", sb, use_cgroups=use_cgroups, poll_interval=0.05)
+    assert runner.describe_limits().startswith("memory=RLIMIT_DATA")
+    spec = copy_spec(memory=700)
+    result = await asyncio.wait_for(runner.run(spec), WAIT)
     assert result.exit_code == 0, result
+    assert "memory limit 700 MiB (RLIMIT_DATA)" in worker_log(runner, spec)
+
+
+def test_an_operation_that_outgrows_its_limit_ends_oomkilled(tmp_path: Path) -> None:
+    """The kernel refuses the allocation, and the worker says so in its result."""
+    request, result = tmp_path / "request.json", tmp_path / "result.json"
+    request.write_text(json.dumps({"op": {}, "storebase": str(tmp_path), "jid": "j",
+                                   "limits": {"memory": 200 * MiB}}))
+    script = textwrap.dedent("""
+        import sys
+        import agent.ops
+        from agent import op_worker
+
+        def greedy(op, storebase):
+            return str(len(bytearray(400 << 20)))  # twice the limit
+
+        agent.ops.run_op = greedy
+        sys.exit(op_worker.main(["op_worker", sys.argv[1], sys.argv[2]]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(request), str(result)],
+                          capture_output=True, timeout=WAIT, check=False)
+    assert proc.returncode == 137, proc.stderr
+    data = json.loads(result.read_text())
+    assert (data["exit_code"], data["message"], data["oom"]) == (137, "OOMKilled", True)
+    assert data["log"] == ("the operation needed more memory than its memory limit "
+                           "of 200 MiB\n")
 
 
 @pytest.mark.parametrize(("enforce", "memory", "cpu"), [(False, 300, 1000), (True, 0, 0)])
@@ -278,16 +306,14 @@ async def test_ignored_or_zero_limits_leave_the_worker_unlimited(
         make_runner: Callable[..., OpRunner]) -> None:
     runner = make_runner(tmp_path / "ops", sb, enforce_limits=enforce, poll_interval=0.05)
     seen: list[ChildRef] = []
-    task = asyncio.create_task(runner.run(copy_spec(memory=memory, cpu=cpu),
-                                          on_started=freeze(pids, seen)))
+    spec = copy_spec(memory=memory, cpu=cpu)
+    task = asyncio.create_task(runner.run(spec, on_started=freeze(pids, seen)))
     await until(lambda: seen, "the worker to start")
-    limits = proc_file(seen[0].pid, "limits").splitlines()
-    line = next(x for x in limits if x.startswith("Max address space"))
-    assert line.split()[3:5] == ["unlimited", "unlimited"]
     assert "/pfleet/" not in proc_file(seen[0].pid, "cgroup")
     os.kill(seen[0].pid, signal.SIGCONT)
     result = await asyncio.wait_for(task, WAIT)
     assert result.exit_code == 0, result
+    assert "memory limit none" in worker_log(runner, spec)
 
 
 async def test_a_failing_operation_reports_its_message(runner: OpRunner, sb: Path) -> None:
@@ -658,7 +684,7 @@ async def test_removing_or_cancelling_an_op_kills_its_worker(tmp_path: Path, big
 async def test_swift_ops_fit_in_a_small_memory_limit(tmp_path: Path, swift_service: Any,
                                                      use_cgroups: bool,
         make_runner: Callable[..., OpRunner]) -> None:
-    # 100 MiB: under a cgroup that is the limit; under RLIMIT_AS it is raised to the floor
+    # 100 MiB of RLIMIT_DATA: the interpreter, swiftclient and its threads fit in it
     container = f"ops-{os.urandom(5).hex()}"
     swift_service.put_objects(container, {f"{DATA}/a.txt": b"a", f"{DATA}/b/c.txt": b"c"})
     creds = {"auth_url": swift_service.auth_url, "username": swift_service.user,

@@ -8,11 +8,14 @@
   ``finishedSuccessfully`` (a real controller with its local agent, STORAGE_ENV=fslink,
   PFCON_INNETWORK=true, on the session's private dockerd);
 * the bare operation via ``OpRunner`` (the child ``python -m agent.op_worker``), with
-  the job's limits (cgroup v1/v2 memory and cpu) and with none;
+  the job's limits (RLIMIT_DATA, a memory cgroup's soft limit, a cpu quota) and with
+  none;
 * the bare operation in-process (``agent.ops.run_op``);
 
-against ``cp -r src dst`` on the same filesystem.  Every run starts with ``sync`` and
-a drop of the page, dentry and inode caches (``echo 3 > /proc/sys/vm/drop_caches``),
+against ``cp -r src dst`` on the same filesystem (and, for information, ``cp -r`` in a
+hard memory cgroup of 300 MiB, how operations were limited before).  Every run starts
+with ``sync`` and a drop of the page, dentry and inode caches (``echo 3 >
+/proc/sys/vm/drop_caches``),
 then the interpreter, the agent's modules and ``cp`` are loaded again (a running agent
 has them in memory); *cold* runs start there, *warm* runs first read the source once.
 No run syncs its own output (neither does ``cp``).  The variants are interleaved,
@@ -478,8 +481,9 @@ def make_fslink_data(storebase: Path) -> list[FslinkCase]:
 
 @contextlib.contextmanager
 def job_cgroups(name: str) -> Iterator[list[Path]]:
-    """Fresh cgroup v1 leaves (memory, cpu) with the copy job's limits, below this
-    process's own; yields their ``cgroup.procs`` files and removes the leaves after."""
+    """Fresh cgroup v1 leaves (memory, cpu), below this process's own, with a hard
+    memory limit of the job's ``memory_limit`` (page cache included) and its CPU quota;
+    yields their ``cgroup.procs`` files and removes the leaves after."""
     hierarchies = detect_cgroups()
     leaves: list[Path] = []
     try:
@@ -624,7 +628,7 @@ class FslinkBench:
 
 VARIANTS: dict[str, str] = {
     "cp": "cp -r",
-    "cp_limited": "cp -r under the job's cgroup limits",
+    "cp_limited": "cp -r in a hard memory cgroup of the job's memory_limit",
     "job": "copy job, client view",
     "runner_limited": "OpRunner child, job limits",
     "runner_unlimited": "OpRunner child, no limits",
@@ -661,8 +665,6 @@ def fslink_report(results: FslinkResults, cases: list[FslinkCase], caches: list[
                        fmt="{:.2f}")  # fmt: skip
             for v in ("cp_limited", "runner_limited", "runner_unlimited", "in_process"):
                 report.add(f"  {VARIANTS[v]} (s)", t[v], base, "cp -r", fmt="{:.2f}")
-            report.add(f"  copy job vs {VARIANTS['cp_limited']}", t["job"] / t["cp_limited"],
-                       fmt="{:.2f}x")
             jobs = results.jobs.get((case.label, cache), [])
             for phase in PHASES:
                 values = [v for j in jobs if (v := j.phases()[phase]) is not None]
@@ -694,10 +696,11 @@ def fslink_report(results: FslinkResults, cases: list[FslinkCase], caches: list[
     )
     report.note(
         "reading the variants: OpRunner no limits - run_op in-process = the worker's start "
-        "and the runner's wait for its exit; job limits - no limits = the memory cgroup "
-        "(it counts the page cache the copy writes); job - OpRunner = controller and agent; "
-        f"cp -r under the job's limits = cp in a fresh cgroup of {MEMORY_LIMIT} MiB and "
-        f"{CPU_LIMIT} millicores, the same limits as the job's worker"
+        "and the runner's wait for its exit; job limits - no limits = the CPU quota, "
+        "RLIMIT_DATA and the memory cgroup's soft limit; job - OpRunner = controller and "
+        f"agent; cp -r in a hard memory cgroup = cp in a fresh cgroup limited to "
+        f"{MEMORY_LIMIT} MiB (page cache included, as operations were limited before) and "
+        f"{CPU_LIMIT} millicores: what capping the cache costs"
     )
     report.note(
         f"job: cpu_limit {CPU_LIMIT}, memory_limit {MEMORY_LIMIT} MiB, status polled "

@@ -57,7 +57,9 @@ def test_example_inventory_has_every_group_and_the_required_settings(tmp_path: P
     res = subprocess.run([str(BIN / "ansible-inventory"), "-i", str(_example_inventory(tmp_path)),
                           "--list"], cwd=REPO_ROOT, env=_env(tmp_path), capture_output=True,
                          text=True, timeout=120)
-    assert res.returncode == 0 and "WARNING" not in res.stderr.upper(), res.stderr
+    # Ansible's own warnings; a dependency's Python warning (cryptography 51 deprecates
+    # the DSA that ansible-core imports) says nothing about the inventory
+    assert res.returncode == 0 and "[WARNING]" not in res.stderr.upper(), res.stderr
     listing = json.loads(res.stdout)
     for group in ("pfleet_controller", "pfleet_storage_server", "pfleet_docker_hosts",
                   "pfleet_podman_hosts", "pfleet_slurm_login"):

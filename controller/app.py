@@ -18,6 +18,7 @@ from controller.api.middleware import (
     VERIFIER,
     auth_middleware,
     error_middleware,
+    options_middleware,
     public,
 )
 from controller.auth import ClientTokenVerifier, decode_agent_token
@@ -43,7 +44,7 @@ def create_app(config: Config) -> web.Application:
         middlewares=[error_middleware,
                      web.normalize_path_middleware(append_slash=True, remove_slash=False,
                                                    redirect_class=web.HTTPPermanentRedirect),
-                     auth_middleware],
+                     auth_middleware, options_middleware],
         client_max_size=FORM_BODY_LIMIT)
     app[CONFIG] = config
     app[VERIFIER] = ClientTokenVerifier(config)

@@ -6,6 +6,10 @@ JSON); anything else is logged and answered 500 without a traceback.
 
 Auth: every route except those marked public needs ``Authorization: Bearer <jwt>``;
 unknown URLs answer 404 without asking for a token, as pfcon does.
+
+OPTIONS: Flask answers it for every route by itself, after pfcon's auth check: 401
+without a token on a protected route, otherwise 200 with the route's methods in
+``Allow`` and no body.
 """
 
 from __future__ import annotations
@@ -88,6 +92,44 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     # An empty header is a missing one, as in pfcon (`if not bearer_token`).  Repeated
     # headers are joined as a WSGI server joins them for pfcon, which refuses the result
     # (a proxy may have checked another one than the first).
+    _check_token(request)
+    return await handler(request)
+
+
+def _check_token(request: web.Request) -> None:
     header = ",".join(request.headers.getall("Authorization", ()))
     request.app[VERIFIER].check_header(header or None)
-    return await handler(request)
+
+
+@web.middleware
+async def options_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """OPTIONS on a known route, as Flask's automatic answer (after the token check of
+    a protected route); on an unknown route it is a 404 like any other method."""
+    refused = request.match_info.http_exception
+    if request.method != "OPTIONS":
+        return await handler(request)
+    if isinstance(refused, web.HTTPNotFound) and not request.path.endswith("/"):
+        # Werkzeug redirects OPTIONS too (aiohttp's normalize_path sees no route for it)
+        slashed = request.clone(rel_url=request.rel_url.with_path(request.path + "/",
+                                                                     keep_query=True))
+        match = await request.app.router.resolve(slashed)
+        if isinstance(match.http_exception, web.HTTPMethodNotAllowed):
+            raise web.HTTPPermanentRedirect(slashed.rel_url)
+    if not isinstance(refused, web.HTTPMethodNotAllowed):
+        return await handler(request)
+    methods = set(refused.allowed_methods) | {"OPTIONS"}
+    if "GET" in methods:
+        methods.add("HEAD")
+    if not await _is_public(request, refused.allowed_methods):
+        _check_token(request)
+    return web.Response(status=200, headers={"Allow": ", ".join(sorted(methods))},
+                        content_type="text/html")
+
+
+async def _is_public(request: web.Request, methods: set[str]) -> bool:
+    """Whether the route's handlers (one per method) are all public."""
+    for method in methods:
+        match = await request.app.router.resolve(request.clone(method=method))
+        if not getattr(match.handler, "pfleet_public", False):
+            return False
+    return bool(methods)

@@ -88,6 +88,47 @@ async def test_known_route_wrong_method_is_json_405(harness: Harness, method: st
         assert await read_json(r) == {"message": METHOD_NOT_ALLOWED}
 
 
+@pytest.mark.parametrize(("path", "allow"), [
+    ("pluginjobs/", "GET, HEAD, OPTIONS, POST"),
+    ("pluginjobs/j1/", "DELETE, GET, HEAD, OPTIONS"),
+    ("pluginjobs/j1/file/", "GET, HEAD, OPTIONS"),
+    ("deletejobs/j1/", "DELETE, GET, HEAD, OPTIONS"),
+])
+async def test_options_on_a_protected_route_needs_a_token(harness: Harness, path: str,
+                                                          allow: str) -> None:
+    async with aiohttp.ClientSession() as s:
+        r = await s.options(harness.base + path)
+        assert r.status == 401
+        assert await read_json(r) == {"message": "Missing authorization header."}
+        r = await s.options(harness.base + path, headers={"Authorization": "Bearer junk"})
+        assert r.status == 401
+        r = await s.options(harness.base + path, headers=harness.headers())
+        assert r.status == 200
+        assert r.headers["Allow"] == allow
+        assert await r.read() == b""
+
+
+@pytest.mark.parametrize(("path", "allow"), [("health/", "GET, HEAD, OPTIONS"),
+                                             ("auth-token/", "OPTIONS, POST")])
+async def test_options_on_a_public_route_needs_no_token(harness: Harness, path: str,
+                                                        allow: str) -> None:
+    async with aiohttp.ClientSession() as s:
+        r = await s.options(harness.base + path)
+        assert r.status == 200
+        assert r.headers["Allow"] == allow
+
+
+async def test_options_on_an_unknown_route_is_the_html_404(harness: Harness) -> None:
+    async with aiohttp.ClientSession() as s:
+        r = await s.options(harness.base + "nope/", headers=harness.headers())
+        assert r.status == 404
+        assert NOT_FOUND_TITLE in await r.text()
+        r = await s.options(harness.base + "pluginjobs/j1/file?job_output_path=a",
+                            allow_redirects=False)
+        assert r.status == 308
+        assert r.headers["Location"].endswith("/pluginjobs/j1/file/?job_output_path=a")
+
+
 async def test_dev_mode_json_is_indented_and_newline_terminated(harness: Harness) -> None:
     assert harness.config.dev
     async with aiohttp.ClientSession() as s:

@@ -23,15 +23,18 @@ Safety (link files and the tree are client data):
   copy into itself;
 * a visited set of targets stops link loops.
 
-Files are copied where the walk meets them, in the walking thread, when their data is
-already in the page cache (a read that must not wait, ``RWF_NOWAIT``, says so): on a
-warm cache a copy is a few system calls per file and no hand-off.  Files whose data
-is not cached, and large ones, go to a small thread pool in batches of one
-destination directory (a hand-off per file costs more than copying a small file);
-the walker asks the kernel to start reading the small ones at once
-(``POSIX_FADV_WILLNEED``), so the disk sees many reads in flight, as with more
-threads, and the copiers find the data arriving.  The pool uses the kernel's
-in-kernel copy (``copy_file_range``, then ``sendfile``).  ``incoming`` is new and
+Small files are copied by the walking thread through one buffer.  One whose data is
+already in the page cache (a read that must not wait, ``RWF_NOWAIT``, says so) is
+copied at once: a few system calls per file and no hand-off.  One that is not is
+kept open and the kernel is asked to start reading it (``POSIX_FADV_WILLNEED``);
+the walker copies such files a batch at a time (``DEFER_FILES``, ``DEFER_BYTES``, at
+the latest when it leaves their directory), so the disk sees many reads in flight
+while the walker finds the data arriving.  A copy job runs under a CPU quota: this
+spends about half the CPU that handing the files to threads by path did (a second
+open, GIL hand-offs), which bounded a cold copy under one core.  Large files go to a
+small thread pool in batches of one destination directory and are copied in the
+kernel (``copy_file_range``, then ``sendfile``); so does everything on a filesystem
+that refuses ``RWF_NOWAIT``.  ``incoming`` is new and
 private to the job, so each file is written at its final name and removed if its
 copy fails; nothing is synced (as ``cp``: durability is the storage's business and
 the plugin reads the page cache).  Modes are 0644 for files and 0755 for dirs.
@@ -57,9 +60,9 @@ __all__ = ["DEFAULT_WORKERS", "CopyError", "CopyStats", "fetch_inputs"]
 DEFAULT_WORKERS = 4  # uncached copies wait on the disk: a few threads keep it busy
 MAX_IN_FLIGHT = 8  # batches queued ahead of the copiers (bounds the walker's lead)
 BATCH_FILES = 128  # files handed to a copier at once (per-file hand-offs cost more than a copy)
-BATCH_PREFETCH = 4 << 20  # bytes a batch asks the kernel to read ahead (bounds the page cache
-# the walker fills ahead of the copiers: MAX_IN_FLIGHT batches of this)
 INLINE_MAX = 256 << 10  # larger files always go to the pool (copy_file_range, no user copy)
+DEFER_FILES = 64  # uncached small files read ahead before the walker copies them
+DEFER_BYTES = 4 << 20  # ... and their bytes (bounds the page cache filled ahead)
 MAX_LINK_SIZE = 4096
 _CHUNK = 1 << 30
 _OPEN_SRC = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -120,6 +123,7 @@ def fetch_inputs(storebase: Path, input_dirs: list[Parts], output_dir: Parts, in
             raise
         finally:
             fetch.drain()
+            fetch.close_deferred()  # none left, unless the copy failed
     fetch.raise_failure()
     fetch.stats.files += fetch.pooled[0]
     fetch.stats.bytes += fetch.pooled[1]
@@ -157,7 +161,8 @@ class _Fetch:
         self._pending: set[Future[None]] = set()
         self._batch: list[tuple[str, str, Parts]] = []  # (source path, name, storage path)
         self._batch_dir = ""
-        self._batch_prefetch = 0
+        self._deferred: list[_Deferred] = []  # uncached small files being read ahead
+        self._deferred_bytes = 0
         self._umask = _current_umask()
         self._inline = bool(_RWF_NOWAIT)  # off when the filesystem refuses RWF_NOWAIT
         self._buf = bytearray(INLINE_MAX) if self._inline else bytearray()
@@ -240,7 +245,9 @@ class _Fetch:
                         self.stats.skipped += 1  # fifo, socket, device
                 except FileNotFoundError:
                     continue  # vanished while we looked
+            self.copy_deferred()  # before their directories' descriptors close
         finally:
+            self.close_deferred()  # none left, unless the walk failed
             os.close(src_fd)
             if dst is not None and dst.fd is not None:
                 os.close(dst.fd)
@@ -293,6 +300,7 @@ class _Fetch:
             self._link(rel, queue)
         self._file(_DirRef(os.path.join(self.root, *rel[:-1])), rel[-1],
                    _DirRef(self._ensure_dir(dest[:-1])), rel[:-1])
+        self.copy_deferred()
 
     def _link(self, rel: Parts, queue: collections.deque[tuple[Parts, Parts | None]]) -> None:
         """A ChRIS link file: check its target and queue it (the file is copied too)."""
@@ -333,38 +341,42 @@ class _Fetch:
     # -------------------------------------------------------------- copying
 
     def _file(self, src: _DirRef, name: str, dst: _DirRef, parent: Parts) -> None:
-        """Copy one file here when its data is cached, else queue it for the pool."""
+        """Copy one small file here (now when its data is cached, else once it was read
+        ahead); queue a large one for the pool."""
         if self._inline:
             try:
-                size = self._copy_cached(src, name, dst)
+                size = self._copy_cached(src, name, dst, parent)
             except OSError as exc:
                 raise CopyError(f"cannot copy {_show((*parent, name))!r}: "
                                 f"{exc.strerror or exc}") from None
             if size is not None:
-                if size >= 0 and not name.endswith(LINK_SUFFIX):
-                    self.stats.files += 1
-                    self.stats.bytes += size
+                self._count(name, size)
                 return
         # the pool works by path: a batch outlives the walker's descriptors
-        if self._batch and (self._batch_dir != dst.path or len(self._batch) >= BATCH_FILES
-                            or self._batch_prefetch >= BATCH_PREFETCH):
+        if self._batch and (self._batch_dir != dst.path or len(self._batch) >= BATCH_FILES):
             self.flush()
         if not self._batch:
             self.raise_failure()
             self._batch_dir = dst.path
         self._batch.append((os.path.join(src.path, name), name, (*parent, name)))
 
-    def _copy_cached(self, src: _DirRef, name: str, dst: _DirRef) -> int | None:
+    def _count(self, name: str, size: int) -> None:
+        if size >= 0 and not name.endswith(LINK_SUFFIX):
+            self.stats.files += 1
+            self.stats.bytes += size
+
+    def _copy_cached(self, src: _DirRef, name: str, dst: _DirRef, parent: Parts) -> int | None:
         """Copy a small file whose data is all in the page cache through one buffer.
 
-        Returns its size, -1 if it vanished or is not a regular file, None when it
-        is large or not (all) cached: the pool copies it then, and a small one is
-        already being read ahead for it.
+        Returns its size, -1 if it vanished or is not a regular file (or was kept
+        open to be copied once read ahead), None when it is large (the pool copies
+        it).
         """
         opened = _open_regular(src.name(name), src.fd)
         if opened is None:
             return -1
         sfd, size = opened
+        deferred = False
         try:
             if size > INLINE_MAX:
                 return None
@@ -377,15 +389,54 @@ class _Fetch:
                     raise
                 self._inline = False  # this filesystem cannot say: the pool copies all
                 return None
-            if got < size or (got > 0 and size == 0):  # not cached, or a pseudo-file
-                if _WILLNEED is not None and size:
+            if got > 0 and size == 0:
+                return None  # a pseudo-file: the pool reads it to its end
+            if got < size:  # not (all) cached
+                if _WILLNEED is not None:
                     with contextlib.suppress(OSError):
                         os.posix_fadvise(sfd, 0, size, _WILLNEED)
-                    self._batch_prefetch += size
-                return None
+                self._deferred.append(_Deferred(sfd, dst, name, parent, size))
+                self._deferred_bytes += size
+                deferred = True
+                if (len(self._deferred) >= DEFER_FILES
+                        or self._deferred_bytes >= DEFER_BYTES):
+                    self.copy_deferred()
+                return -1
             return self._store(dst, name, self._view[:size], -1, size)
         finally:
-            os.close(sfd)
+            if not deferred:
+                os.close(sfd)
+
+    def copy_deferred(self) -> None:
+        """Copy the small files read ahead so far, in the order they were met."""
+        while self._deferred:
+            item = self._deferred.pop(0)
+            try:
+                size = self._store(item.dst, item.name, self._read_whole(item), -1, -1)
+            except OSError as exc:
+                raise CopyError(f"cannot copy {_show((*item.parent, item.name))!r}: "
+                                f"{exc.strerror or exc}") from None
+            finally:
+                os.close(item.fd)
+            self._count(item.name, size)
+        self._deferred_bytes = 0
+
+    def _read_whole(self, item: _Deferred) -> memoryview:
+        """What a file held at its fstat (less if it shrank since)."""
+        got = 0
+        while got < item.size:
+            n = os.preadv(item.fd, [self._view[got:item.size]], got)
+            if n == 0:
+                break
+            got += n
+        return self._view[:got]
+
+    def close_deferred(self) -> None:
+        for item in self._deferred:
+            with contextlib.suppress(OSError):
+                os.close(item.fd)
+        self._deferred.clear()
+        self._deferred_bytes = 0
 
     def flush(self) -> None:
         """Hand the current batch to the pool (blocks while MAX_IN_FLIGHT are queued)."""
@@ -393,7 +444,6 @@ class _Fetch:
             return
         assert self.pool is not None
         batch, self._batch = self._batch, []
-        self._batch_prefetch = 0
         self._slots.acquire()
         future = self.pool.submit(self._copy_batch, self._batch_dir, batch)
         with self._lock:
@@ -475,6 +525,8 @@ class _Fetch:
         name (two input dirs holding the same path) replace each other whole, as
         pfcon's copies do: the second goes through a temporary name and a rename.
         """
+        if data is not None:
+            size = len(data)
         final = dst.name(name)
         try:
             target = final
@@ -500,6 +552,17 @@ class _Fetch:
                 os.unlink(target, dir_fd=dst.fd)
             raise
         return size
+
+
+@dataclass(frozen=True, slots=True)
+class _Deferred:
+    """A small uncached file, open and being read ahead, to be copied by the walker."""
+
+    fd: int
+    dst: _DirRef
+    name: str
+    parent: Parts
+    size: int  # at its fstat
 
 
 def _open_regular(src: str, dir_fd: int | None = None) -> tuple[int, int] | None:

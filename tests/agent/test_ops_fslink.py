@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from agent import ops_fslink
 from agent.ops import OpError, run_op
 
 
@@ -230,7 +231,7 @@ def cached(path: Path) -> bool:
 
 
 def test_files_not_in_the_page_cache_are_copied_too(sb: Path) -> None:
-    # cached ones are copied by the walking thread, the others by the pool
+    # cached ones are copied at once, the others once the kernel read them ahead
     files = {f"{DATA}/d{d}/f{f}.txt": f"{d}-{f}-" * (f * 50 + 1) for d in range(3)
              for f in range(40)}
     layout(sb, {**files, f"{DATA}/empty.txt": ""})
@@ -246,6 +247,45 @@ def test_files_not_in_the_page_cache_are_copied_too(sb: Path) -> None:
     for rel, content in files.items():
         assert (incoming / rel[len(DATA) + 1:]).read_text() == content
     assert (incoming / "empty.txt").read_bytes() == b""
+
+
+def test_many_uncached_files_and_a_large_one_in_one_directory(sb: Path) -> None:
+    # more uncached small files than the walker reads ahead at once, and a large one
+    # (the thread pool's), all in one directory
+    count = ops_fslink.DEFER_FILES * 2 + 5
+    files = {f"{DATA}/f{i:03d}.txt": f"{i}:" + "x" * (i * 37) for i in range(count)}
+    big = os.urandom(ops_fslink.INLINE_MAX + 4097)
+    layout(sb, files)
+    (sb / DATA / "big.bin").write_bytes(big)
+    evict(*(sb / rel for rel in files), sb / DATA / "big.bin")
+    assert not cached(sb / DATA / "f100.txt")  # the test's premise
+    open_before = len(os.listdir("/proc/self/fd"))
+    run_op(copy_op(DATA), sb)
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    incoming = sb / "key-j1" / "incoming"
+    assert tree(incoming) == {r[len(DATA) + 1:] for r in files} | {"big.bin"}
+    for rel, content in files.items():
+        assert (incoming / rel[len(DATA) + 1:]).read_text() == content
+    assert (incoming / "big.bin").read_bytes() == big
+
+
+def test_a_copy_that_fails_among_read_ahead_files_leaves_no_descriptor_open(
+        sb: Path, tmp_path: Path) -> None:
+    files = {f"{DATA}/f{i:02d}.txt": "y" * 3000 for i in range(40)}
+    layout(sb, files)
+    evict(*(sb / rel for rel in files))
+    incoming = tmp_path / "small"
+    incoming.mkdir()
+    # a filesystem that fills up part way through the read-ahead batch
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(incoming)],
+                   check=True, timeout=30)
+    try:
+        open_before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(ops_fslink.CopyError, match="No space left on device"):
+            ops_fslink.fetch_inputs(sb, [tuple(DATA.split("/"))], ("home", "out"), incoming)
+        assert len(os.listdir("/proc/self/fd")) == open_before
+    finally:
+        subprocess.run(["umount", str(incoming)], check=True, timeout=30)
 
 
 @pytest.mark.parametrize("evicted", ["d1", "d2"])

@@ -173,7 +173,8 @@ class Link:
         for event in self.outbox.pending():
             await send(event)
             last = event.seq
-        await send(p.Inventory(jobs=await self.callbacks.inventory()))
+        for part in p.inventory_parts(await self.callbacks.inventory()):
+            await send(part)
         while True:
             self.outbox.changed.clear()
             for event in self.outbox.pending(after=last):

@@ -184,6 +184,20 @@ class Ack(Message):
 class Inventory(Message):
     type: ClassVar[str] = "inventory"
     jobs: list[JobRef]
+    # another part follows: an agent holding more than INVENTORY_PART attempts lists
+    # them in several messages, each far below the decode limits
+    more: bool = False
+
+
+INVENTORY_PART = 5_000
+
+
+def inventory_parts(refs: list[JobRef]) -> list[Inventory]:
+    """An inventory as messages of at most INVENTORY_PART attempts (one message, empty
+    or not, when it fits: what a controller that reads no ``more`` understands)."""
+    starts = range(0, len(refs), INVENTORY_PART) or range(1)
+    return [Inventory(jobs=refs[i:i + INVENTORY_PART], more=i + INVENTORY_PART < len(refs))
+            for i in starts]
 
 
 @dataclass(frozen=True)
@@ -335,7 +349,10 @@ def decode(text: str | bytes) -> Message:
                            str(j.get("state", ""))) for j in jobs]
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"inventory: bad entry: {exc}") from exc
-        return Inventory(jobs=refs)
+        more = data.get("more", False)
+        if not isinstance(more, bool):
+            raise ProtocolError("inventory: more must be true or false")
+        return Inventory(jobs=refs, more=more)
     names = {f.name for f in fields(cls)}
     required = {f.name for f in fields(cls)
                 if f.default is MISSING and f.default_factory is MISSING}

@@ -50,6 +50,7 @@ LOGS_REQUEST_TIMEOUT = 5.0
 SEND_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0  # for the close handshake, likewise
 RUNS_REMEMBERED_MAX = 10_000  # per link, for an agent that never sends its inventory
+INVENTORY_MAX = 500_000  # attempts one agent may list (in parts) before its link is cut
 QUEUE_PAGE = 1000  # queued jobs read at a time by a placement round
 
 
@@ -70,6 +71,8 @@ class AgentSession:
     # (None after): the agent may have listed its workloads before they arrived, and
     # they still will, in order; a second run could start again a job that ended
     runs_before_inventory: set[tuple[str, int]] | None = field(default_factory=set)
+    # attempts listed by the parts of an inventory read so far (until its last part)
+    inventory_seen: set[tuple[str, int]] = field(default_factory=set)
 
     async def send(self, message: p.Message) -> None:
         try:
@@ -380,19 +383,40 @@ class Fleet:
         await session.send(p.Ack(seq=ev.seq))
 
     async def _reconcile(self, session: AgentSession, inventory: p.Inventory) -> None:
-        """Bring the agent's workloads and the store back in line after a (re)connect."""
-        seen: set[tuple[str, int]] = set()
-        for ref in inventory.jobs:
+        """Bring the agent's workloads and the store back in line after a (re)connect.
+
+        A large inventory comes in parts (``more``): stale workloads are removed as each
+        part is read; what the agent no longer holds is known only after the last one.
+        """
+        seen = session.inventory_seen
+        if len(seen) + len(inventory.jobs) > INVENTORY_MAX:
+            log.warning("agent lists more than %d attempts, cutting its link agent=%s",
+                        INVENTORY_MAX, session.name)
+            await self.close_link(session.ws, WSCloseCode.POLICY_VIOLATION,
+                                  b"inventory too large")
+            raise ConnectionResetError(f"agent {session.name} inventory too large")
+        known = await self.store.get_many(list({ref.job for ref in inventory.jobs}))
+        strangers: list[p.JobRef] = []
+        for index, ref in enumerate(inventory.jobs):
+            if index % 512 == 511:
+                await asyncio.sleep(0)  # a part of thousands must not hold the loop
             seen.add((ref.job, ref.attempt))
-            job = await self.store.get(ref.job)
+            job = known.get(ref.job)
             if job is None:
-                log.warning("agent has a workload the store does not know; leaving it "
-                            "agent=%s job=%s name=%s", session.name, ref.job, ref.name)
+                strangers.append(ref)
                 continue
             stale = (job.removed or job.attempt != ref.attempt or job.agent != session.name
                      or job.state in (State.LOST, State.CANCELED))
             if stale and (job.removed or self.config.remove_jobs or job.attempt != ref.attempt):
                 await session.send(p.Remove(job=ref.job, attempt=ref.attempt, name=ref.name))
+        if strangers:  # one line: an agent may hold thousands
+            log.warning("agent has %d workload(s) the store does not know; leaving them "
+                        "agent=%s names=%s", len(strangers), session.name,
+                        ",".join(ref.name for ref in strangers[:5])
+                        + (",..." if len(strangers) > 5 else ""))
+        if inventory.more:
+            return
+        session.inventory_seen = set()
         for job in await self.store.jobs_on_agent(session.name, (State.ASSIGNED, State.RUNNING)):
             if (job.id, job.attempt) in seen:
                 continue

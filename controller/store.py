@@ -80,6 +80,7 @@ CREATE TABLE IF NOT EXISTS agent_tokens (
 """
 
 LIVE_CACHE_MAX = 100_000  # cached live rows before the cache starts over
+GET_MANY_CHUNK = 500  # ids per SELECT ... IN (...), well below SQLite's variable limit
 _JOB_COLUMNS = ("id", "seq", "name", "jid", "kind", "state", "attempt", "agent", "spec",
                 "image", "cmd", "message", "started_at", "finished_at", "exit_code", "logs",
                 "created_at", "updated_at", "removed")
@@ -255,6 +256,21 @@ class Store:
         row = self.db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?",
                               (job_id,)).fetchone()
         return JobRow.from_row(row) if row else None
+
+    async def get_many(self, job_ids: list[str]) -> dict[str, JobRow]:
+        """The jobs of ``job_ids`` that exist, by id (one worker call for them all)."""
+        return await self._run(self._get_many, job_ids)
+
+    def _get_many(self, job_ids: list[str]) -> dict[str, JobRow]:
+        found: dict[str, JobRow] = {}
+        for i in range(0, len(job_ids), GET_MANY_CHUNK):
+            chunk = job_ids[i:i + GET_MANY_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            for row in self.db.execute(
+                    f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id IN ({marks})", chunk):
+                job = JobRow.from_row(row)
+                found[job.id] = job
+        return found
 
     async def restart_job(self, job_id: str, spec: dict[str, Any], image: str,
                           cmd: str) -> JobRow:

@@ -38,7 +38,23 @@ def test_every_message_round_trips() -> None:
     ('{"type": "run", "spec": {"job": "j", "attempt": 1, "name": "n", "jid": "n", '
      '"kind": "weird", "image": "", "command": []}}', "unknown kind"),
     ('{"type": "inventory", "jobs": [{"job": "j"}]}', "bad entry"),
+    ('{"type": "inventory", "jobs": [], "more": 1}', "more must be"),
 ])
 def test_invalid_messages_are_refused(text: str, error: str) -> None:
     with pytest.raises(p.ProtocolError, match=error):
         p.decode(text)
+
+
+def test_a_large_inventory_is_sent_in_parts_each_within_the_decode_limits() -> None:
+    refs = [p.JobRef(f"{i:032x}", 1, f"job-{i}" + "x" * 120, "present")
+            for i in range(2 * p.INVENTORY_PART + 1)]
+    parts = p.inventory_parts(refs)
+    assert [len(part.jobs) for part in parts] == [p.INVENTORY_PART, p.INVENTORY_PART, 1]
+    assert [part.more for part in parts] == [True, True, False]
+    assert [ref for part in parts for ref in p.decode(p.encode(part)).jobs] == refs
+    # what fits is one message, as older controllers read it (they ignore "more")
+    assert p.inventory_parts(refs[:3]) == [p.Inventory(jobs=refs[:3])]
+    assert p.inventory_parts([]) == [p.Inventory(jobs=[])]
+    # a single message of them all would be refused by the reader
+    with pytest.raises(p.ProtocolError, match="JSON values"):
+        p.decode(p.encode(p.Inventory(jobs=refs * 3)))

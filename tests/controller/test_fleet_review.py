@@ -22,6 +22,7 @@ from aiohttp import WSMsgType
 
 from agent import protocol as p
 from controller import cli
+from controller import fleet as fleet_module
 from controller.auth import issue_client_token
 from controller.fleet import QUEUE_PAGE
 from controller.states import State
@@ -198,6 +199,44 @@ async def test_a_run_lost_with_its_link_is_sent_again_after_the_inventory(
     await ws.send_str(p.encode(p.Inventory(jobs=[])))
     assert (await expect(ws, p.Run)).spec.job == job.id
     await ws.close()
+
+
+async def test_an_inventory_in_parts_is_reconciled_after_its_last_part(
+        ctl: Controller, http: aiohttp.ClientSession) -> None:
+    ws = await dial(ctl, http, "mallory", HUGE)
+    kept, vanished = await run_on(ctl, ws, 2)
+    await ws.close()
+    await until(lambda: "mallory" not in ctl.fleet.sessions, "disconnect not seen")
+    ws = await dial(ctl, http, "mallory", HUGE)
+    # more attempts than one message may carry; the running job that is still there
+    # comes in the last part, the other is in none
+    unknown = [p.JobRef(uuid.uuid4().hex, 1, f"gone-{i}", "present")
+               for i in range(2 * p.INVENTORY_PART)]
+    parts = p.inventory_parts([*unknown, p.JobRef(kept.id, 1, kept.name, "running")])
+    assert len(parts) == 3
+    for part in parts[:-1]:
+        await ws.send_str(p.encode(part))
+    await ws.send_str(json.dumps(heartbeat()))  # read after those parts, in order
+    await until(lambda: ctl.fleet.sessions["mallory"].heartbeat is not None, "not read")
+    assert (await ctl.store.get(vanished.id)).state is State.RUNNING  # type: ignore[union-attr]
+    await ws.send_str(p.encode(parts[-1]))
+    lost = await wait_state(ctl.store, vanished.id, State.LOST)
+    assert lost.message == "workload vanished from agent mallory"
+    assert (await ctl.store.get(kept.id)).state is State.RUNNING  # type: ignore[union-attr]
+    await ws.close()
+
+
+async def test_an_agent_listing_without_end_is_cut_off(
+        ctl: Controller, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fleet_module, "INVENTORY_MAX", 10)
+    ws = await dial(ctl, http, "mallory", HUGE)
+    refs = [p.JobRef(uuid.uuid4().hex, 1, f"n{i}", "present") for i in range(6)]
+    await ws.send_str(p.encode(p.Inventory(jobs=refs, more=True)))
+    await ws.send_str(p.encode(p.Inventory(jobs=refs, more=True)))  # 12 listed: too many
+    msg = await ws.receive(timeout=10)
+    assert msg.type is WSMsgType.CLOSE and msg.data == 1008, msg
+    assert msg.extra == "inventory too large"
+    await until(lambda: "mallory" not in ctl.fleet.sessions, "link not cut")
 
 
 async def test_jobs_behind_a_page_of_waiting_ones_are_placed(

@@ -236,14 +236,32 @@ class Fleet:
         except ConnectionResetError:
             pass
         finally:
-            if self.sessions.get(name) is session:
+            gone = self.sessions.get(name) is session
+            if gone:
                 del self.sessions[name]
                 self.disconnected_since[name] = time.monotonic()
                 log.info("agent disconnected agent=%s", name)
             for _kind, fut in session.pending.values():
                 if not fut.done():
                     fut.set_exception(ConnectionResetError(f"agent {name} disconnected"))
+            if gone:
+                await self._keep_last_contact(session)
         return ws
+
+    async def _keep_last_contact(self, session: AgentSession) -> None:
+        """Store what a departing agent said last, and when: the store holds only the
+        heartbeats that changed something, up to HEARTBEAT_PERSIST_SECONDS old, and
+        ``pfleet agents`` shows a disconnected agent from it."""
+        self._persisted_heartbeat.pop(session.name, None)
+        if session.heartbeat is None:
+            return
+        seen_at = time.time() - (time.monotonic() - session.last_seen)
+        try:
+            await self.store.agent_heartbeat(session.name, p.encode_dict(session.heartbeat),
+                                             seen_at=seen_at)
+        except Exception as exc:  # the store closing at shutdown: only the display is older
+            log.warning("could not store the last heartbeat agent=%s error=%s",
+                        session.name, exc)
 
     async def close_link(self, ws: web.WebSocketResponse, code: int, message: bytes) -> None:
         """Close an agent's link; one that does not read, or does not answer the close,

@@ -453,12 +453,15 @@ class Store:
             " found_by = excluded.found_by, hello = excluded.hello",
             (name, now, now, found_by, json.dumps(hello)))
 
-    async def agent_heartbeat(self, name: str, heartbeat: dict[str, Any]) -> None:
-        await self._run(self._agent_heartbeat, name, heartbeat)
+    async def agent_heartbeat(self, name: str, heartbeat: dict[str, Any], *,
+                              seen_at: float | None = None) -> None:
+        """Record an agent's heartbeat, received at ``seen_at`` (default: now)."""
+        await self._run(self._agent_heartbeat, name, heartbeat,
+                        time.time() if seen_at is None else seen_at)
 
-    def _agent_heartbeat(self, name: str, heartbeat: dict[str, Any]) -> None:
+    def _agent_heartbeat(self, name: str, heartbeat: dict[str, Any], seen_at: float) -> None:
         self.db.execute("UPDATE agents SET last_seen = ?, heartbeat = ? WHERE name = ?",
-                        (time.time(), json.dumps(heartbeat), name))
+                        (seen_at, json.dumps(heartbeat), name))
 
     async def set_draining(self, name: str, draining: bool) -> bool:
         return await self._run(self._set_draining, name, draining)

@@ -634,9 +634,10 @@ def run_heartbeats_in_process(workdir: Path, names: list[str],
                 decode.append(decoded)
                 handle.append(spent + decoded)
 
-    def timed_update(self: Store, name: str, heartbeat: dict[str, Any]) -> None:
+    def timed_update(self: Store, name: str, heartbeat: dict[str, Any],
+                     seen_at: float) -> None:
         t0 = time.perf_counter()
-        original_update(self, name, heartbeat)
+        original_update(self, name, heartbeat, seen_at)
         sqlite.append(time.perf_counter() - t0)
 
     # Fleet calls ``p.decode`` through the module, so patching the module is enough;

@@ -239,6 +239,29 @@ async def test_an_agent_listing_without_end_is_cut_off(
     await until(lambda: "mallory" not in ctl.fleet.sessions, "link not cut")
 
 
+async def test_a_disconnected_agent_is_shown_as_it_was_last_heard(
+        ctl: Controller, http: aiohttp.ClientSession) -> None:
+    ws = await dial(ctl, http, "mallory", HUGE)
+    await ws.send_str(json.dumps(heartbeat(cpu_percent=10.0)))  # stored: the first one
+    await until(lambda: ctl.fleet.sessions["mallory"].heartbeat is not None, "not read")
+    # the same health and capacity: not written to the store while connected
+    await ws.send_str(json.dumps(heartbeat(cpu_percent=77.5)))
+    await until(lambda: ctl.fleet.sessions["mallory"].heartbeat.cpu_percent == 77.5,  # type: ignore[union-attr]
+                "second heartbeat not read")
+    await ws.close()
+    await until(lambda: "mallory" not in ctl.fleet.sessions, "disconnect not seen")
+    url = f"http://127.0.0.1:{ctl.server.port}/api/v1/agents/"
+    for _ in range(250):
+        async with http.get(url, headers=admin_headers(ctl)) as resp:
+            (agent,) = (await resp.json())["agents"]
+        if agent["cpu_percent"] == 77.5:
+            break
+        await asyncio.sleep(0.02)
+    assert agent["state"] == "disconnected"
+    assert agent["cpu_percent"] == 77.5
+    assert agent["last_seen_seconds_ago"] < 5
+
+
 async def test_jobs_behind_a_page_of_waiting_ones_are_placed(
         ctl: Controller, http: aiohttp.ClientSession) -> None:
     ws = await dial(ctl, http, "mallory", {**HUGE, "gpus": 1})

@@ -106,7 +106,7 @@ def _is_local_agent(request: web.Request) -> bool:
     if scheme != "Bearer" or not token:
         return False
     try:
-        _name, jti = decode_agent_token(request.app[CONFIG], token)
+        jti = decode_agent_token(request.app[CONFIG], token).jti
     except Unauthorized:  # refused by the fleet below, with its own answer
         return False
     return jti in jtis

@@ -17,6 +17,7 @@ import datetime as dt
 import time
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import jwt
 
@@ -89,8 +90,15 @@ def issue_agent_token(config: Config, name: str,
     return token, jti
 
 
-def decode_agent_token(config: Config, token: str) -> tuple[str, str]:
-    """Return (agent name, jti) of a well-signed agent token; raise ``Unauthorized``.
+@dataclass(frozen=True)
+class AgentClaims:
+    name: str
+    jti: str
+    expires_at: float | None  # epoch seconds; None: the token never expires
+
+
+def decode_agent_token(config: Config, token: str) -> AgentClaims:
+    """The claims of a well-signed, unexpired agent token; raise ``Unauthorized``.
 
     Whether the jti was revoked is the store's business (the caller checks)."""
     try:
@@ -102,4 +110,6 @@ def decode_agent_token(config: Config, token: str) -> tuple[str, str]:
         raise Unauthorized("invalid agent token") from None
     if claims.get("typ") != "pfleet-agent":
         raise Unauthorized("invalid agent token")
-    return str(claims["sub"]), str(claims["jti"])
+    exp = claims.get("exp")
+    return AgentClaims(str(claims["sub"]), str(claims["jti"]),
+                       float(exp) if exp is not None else None)

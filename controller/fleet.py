@@ -197,7 +197,8 @@ class Fleet:
         scheme, _, token = header.partition(" ")
         if scheme != "Bearer" or not token:
             raise Unauthorized("missing agent token")
-        name, jti = decode_agent_token(self.config, token)
+        claims = decode_agent_token(self.config, token)
+        name, jti = claims.name, claims.jti
         if not await self.store.token_valid(jti, name):
             raise Unauthorized(f"agent token for {name!r} is unknown or revoked")
         ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=32 << 20)
@@ -214,6 +215,7 @@ class Fleet:
         if old is not None:
             await self.close_link(old.ws, WSCloseCode.POLICY_VIOLATION, b"replaced")
         self.sessions[name] = session
+        expiry: asyncio.Task[None] | None = None
         # From here on a failure (the link dropping before welcome) must unregister
         # the session: a stale one would be given jobs and never lose its lease.
         try:
@@ -232,10 +234,15 @@ class Fleet:
             log.info("agent connected agent=%s runtime=%s found_by=%s", name, hello.runtime,
                      hello.found_by)
             self.kick()
+            if claims.expires_at is not None:
+                expiry = asyncio.get_running_loop().create_task(
+                    self._close_at_expiry(session, claims.expires_at))
             await self._session_loop(session)
         except ConnectionResetError:
             pass
         finally:
+            if expiry is not None:
+                expiry.cancel()
             gone = self.sessions.get(name) is session
             if gone:
                 del self.sessions[name]
@@ -247,6 +254,13 @@ class Fleet:
             if gone:
                 await self._keep_last_contact(session)
         return ws
+
+    async def _close_at_expiry(self, session: AgentSession, expires_at: float) -> None:
+        """An agent token is checked at connect; one that expires while its link is up
+        ends the link then (the agent cannot connect again with it)."""
+        await asyncio.sleep(max(0.0, expires_at - time.time()))
+        log.warning("agent token expired, closing its link agent=%s", session.name)
+        await self.close_link(session.ws, 4001, b"token expired")
 
     async def _keep_last_contact(self, session: AgentSession) -> None:
         """Store what a departing agent said last, and when: the store holds only the

@@ -23,7 +23,7 @@ from aiohttp import WSMsgType
 from agent import protocol as p
 from controller import cli
 from controller import fleet as fleet_module
-from controller.auth import issue_client_token
+from controller.auth import issue_agent_token, issue_client_token
 from controller.fleet import QUEUE_PAGE
 from controller.states import State
 from controller.store import JobRow, Store
@@ -260,6 +260,25 @@ async def test_a_disconnected_agent_is_shown_as_it_was_last_heard(
     assert agent["state"] == "disconnected"
     assert agent["cpu_percent"] == 77.5
     assert agent["last_seen_seconds_ago"] < 5
+
+
+async def test_a_token_that_expires_while_connected_ends_the_link(
+        ctl: Controller, http: aiohttp.ClientSession) -> None:
+    token, jti = issue_agent_token(ctl.config, "mallory", ttl_seconds=2)
+    await ctl.store.add_token(jti, "mallory")
+    ws = await http.ws_connect(ctl.url, headers={"Authorization": f"Bearer {token}"})
+    await ws.send_str(json.dumps(hello("mallory", HUGE)))
+    assert isinstance(p.decode((await ws.receive(timeout=10)).data), p.Welcome)
+    for _ in range(100):  # heartbeats keep it alive until the token runs out
+        msg = await ws.receive(timeout=5)
+        if msg.type is not WSMsgType.TEXT:
+            break
+    assert msg.type is WSMsgType.CLOSE and msg.data == 4001, msg
+    assert msg.extra == "token expired"
+    await until(lambda: "mallory" not in ctl.fleet.sessions, "link not ended")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await http.ws_connect(ctl.url, headers={"Authorization": f"Bearer {token}"})
+    assert refused.value.status == 401
 
 
 async def test_jobs_behind_a_page_of_waiting_ones_are_placed(

@@ -89,14 +89,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     route_handler = getattr(match, "handler", None)
     if match.http_exception is not None or getattr(route_handler, "pfleet_public", False):
         return await handler(request)
-    # An empty header is a missing one, as in pfcon (`if not bearer_token`).  Repeated
-    # headers are joined as a WSGI server joins them for pfcon, which refuses the result
-    # (a proxy may have checked another one than the first).
     _check_token(request)
     return await handler(request)
 
 
 def _check_token(request: web.Request) -> None:
+    # An empty header is a missing one, as in pfcon (`if not bearer_token`).  Repeated
+    # headers are joined as a WSGI server joins them for pfcon, which refuses the result
+    # (a proxy may have checked another one than the first).
     header = ",".join(request.headers.getall("Authorization", ()))
     request.app[VERIFIER].check_header(header or None)
 
@@ -105,9 +105,9 @@ def _check_token(request: web.Request) -> None:
 async def options_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """OPTIONS on a known route, as Flask's automatic answer (after the token check of
     a protected route); on an unknown route it is a 404 like any other method."""
-    refused = request.match_info.http_exception
     if request.method != "OPTIONS":
         return await handler(request)
+    refused = request.match_info.http_exception
     if isinstance(refused, web.HTTPNotFound) and not request.path.endswith("/"):
         # Werkzeug redirects OPTIONS too (aiohttp's normalize_path sees no route for it)
         slashed = request.clone(rel_url=request.rel_url.with_path(request.path + "/",

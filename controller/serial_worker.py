@@ -8,6 +8,10 @@ a small VM costs about 0.17 ms of CPU: more than the SQLite statement it carries
 Here the thread takes every call already waiting, runs them, and hands all the
 results back with one wake-up, so 32 waiting calls cost one round trip instead of
 32 (measured: 0.21 ms of CPU per call with 32 callers down to 0.045 ms).
+
+A batch can also share one scope (``begin``/``end``: the store's one transaction
+per batch, so one commit carries every write of it): results are handed back only
+once ``end`` returned, and when it raises, every call of the batch gets its error.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ T = TypeVar("T")
 BATCH_MAX = 64  # calls run before their results go back (a bound on added latency)
 
 _Call = tuple[asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]]
+_Done = tuple[asyncio.Future[Any], Any, BaseException | None]
 _STOP = None
 
 
@@ -34,7 +39,10 @@ class SerialWorker:
     was handed over happens), and its exception, if any, is raised to the caller.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, begin: Callable[[], None] | None = None,
+                 end: Callable[[], None] | None = None) -> None:
+        self._begin = begin
+        self._end = end
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -80,16 +88,30 @@ class SerialWorker:
                     calls.put(_STOP)  # after this batch's results are handed back
                     break
                 batch.append(call)
-            done = [self._call(*call) for call in batch]
+            done = self._run_batch(batch)
             try:
                 assert self._loop is not None
                 self._loop.call_soon_threadsafe(_deliver, done)
             except RuntimeError:  # the loop is closed: nobody waits for these results
                 pass
 
+    def _run_batch(self, batch: list[_Call]) -> list[_Done]:
+        try:
+            if self._begin is not None:
+                self._begin()
+        except BaseException as exc:
+            return [(future, None, exc) for future, _, _ in batch]
+        done = [self._call(*call) for call in batch]
+        try:
+            if self._end is not None:
+                self._end()
+        except BaseException as exc:  # nothing of the batch took effect
+            return [(future, None, error or exc) for future, _, error in done]
+        return done
+
     @staticmethod
     def _call(future: asyncio.Future[Any], fn: Callable[..., Any],
-              args: tuple[Any, ...]) -> tuple[asyncio.Future[Any], Any, BaseException | None]:
+              args: tuple[Any, ...]) -> _Done:
         try:
             return future, fn(*args), None
         except StopIteration as exc:
@@ -102,7 +124,7 @@ class SerialWorker:
             return future, None, exc
 
 
-def _deliver(done: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+def _deliver(done: list[_Done]) -> None:
     for future, result, exc in done:
         if future.cancelled():
             continue

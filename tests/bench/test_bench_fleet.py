@@ -42,6 +42,8 @@ after a warm-up.  Target: >= 500 jobs/s.
 ``PFLEET_BENCH_FLEET_PYSPY=<dir>``: also record the controller with ``py-spy``
 (raw collapsed stacks, ``<dir>/bench7-heartbeats.txt`` and ``bench9-c<N>.txt``)
 during the measured windows; py-spy must be on PATH or in the venv.
+``PFLEET_BENCH_FLEET_PYSPY_GIL=1``: only samples that hold the GIL (``--gil``): where
+the interpreter's time goes, threads included.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ CONCURRENCIES = tuple(int(c) for c in
                       os.environ.get("PFLEET_BENCH_FLEET_CONCURRENCY", "32,64").split(","))
 STATUS_POLL = 0.01
 PYSPY_DIR = os.environ.get("PFLEET_BENCH_FLEET_PYSPY", "")
+PYSPY_GIL = os.environ.get("PFLEET_BENCH_FLEET_PYSPY_GIL", "") == "1"
 
 CPU_TARGET = 25.0  # % of one core
 HB_P99_TARGET_MS = 10.0
@@ -438,7 +441,8 @@ class PySpy:
         self.path = out / f"{name}.txt"
         self.proc = subprocess.Popen(
             [exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
-             "--format", "raw", "--nonblocking", "-o", str(self.path)],
+             "--format", "raw", "--nonblocking", "-o", str(self.path),
+             *(["--gil"] if PYSPY_GIL else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def wait(self) -> None:

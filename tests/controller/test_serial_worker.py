@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
 
@@ -116,3 +117,98 @@ def test_stopping_a_worker_never_used_needs_no_thread() -> None:
     worker.stop()
     with pytest.raises(RuntimeError, match="stopped"):
         worker.run(int)
+
+
+
+class Scope:
+    """begin/end hooks that record the batches and fail the end of chosen ones."""
+
+    def __init__(self, fail_end: dict[int, Exception] | None = None) -> None:
+        self.log: list[str] = []
+        self.batches = 0
+        self.fail_end = fail_end or {}
+        self.hold_end = threading.Event()
+        self.hold_end.set()
+        self.ending = threading.Event()
+
+    def begin(self) -> None:
+        self.batches += 1
+        self.log.append("begin")
+
+    def end(self) -> None:
+        self.log.append("end")
+        if self.batches > 1:
+            self.ending.set()
+            self.hold_end.wait(5)
+        if self.batches in self.fail_end:
+            raise self.fail_end[self.batches]
+
+
+async def held_batch(worker: SerialWorker, calls: list[tuple[Any, ...]]) -> list[Any]:
+    """Submit ``calls`` while the worker is busy, so that they make one batch."""
+    started, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        gate.wait(5)
+
+    first = worker.run(hold)
+    assert await asyncio.to_thread(started.wait, 5)
+    futures = [worker.run(*call) for call in calls]
+    gate.set()
+    await first
+    return futures
+
+
+async def test_a_batch_shares_one_scope_and_its_results_wait_for_the_end_of_it() -> None:
+    """begin/end wrap each batch (the store's transaction): no caller resumes before
+    end returned, so none sees a result that is not yet committed."""
+    scope = Scope()
+    scope.hold_end.clear()
+    worker = SerialWorker("test-serial", begin=scope.begin, end=scope.end)
+    try:
+        calls = await held_batch(worker, [(scope.log.append, f"call {i}") for i in range(3)])
+        assert await asyncio.to_thread(scope.ending.wait, 5)
+        await asyncio.sleep(0.1)
+        assert not any(call.done() for call in calls)  # they ran; their end is pending
+        scope.hold_end.set()
+        assert await asyncio.gather(*calls) == [None, None, None]
+    finally:
+        scope.hold_end.set()
+        worker.stop()
+    # the holding call's batch, then the three calls in one batch
+    assert scope.log == ["begin", "end", "begin", "call 0", "call 1", "call 2", "end"]
+
+
+def fail() -> None:
+    raise KeyError("its own error")
+
+
+async def test_an_end_that_fails_fails_every_call_of_its_batch() -> None:
+    scope = Scope(fail_end={2: OSError("disk I/O error")})
+    worker = SerialWorker("test-serial", begin=scope.begin, end=scope.end)
+    try:
+        batch = await held_batch(worker, [(int, "3"), (fail,), (int, "4")])
+        results = await asyncio.gather(*batch, return_exceptions=True)
+        # the next batch is not affected
+        assert await worker.run(int, "5") == 5
+    finally:
+        worker.stop()
+    assert [str(r) for r in results] == ["disk I/O error", "'its own error'", "disk I/O error"]
+    assert isinstance(results[1], KeyError)
+
+
+async def test_a_begin_that_fails_runs_no_call_of_its_batch() -> None:
+    ran: list[int] = []
+
+    def begin() -> None:
+        raise OSError("cannot begin")
+
+    worker = SerialWorker("test-serial", begin=begin)
+    try:
+        results = await asyncio.gather(*(worker.run(ran.append, i) for i in range(3)),
+                                       return_exceptions=True)
+    finally:
+        worker.stop()
+    assert ran == []
+    assert [str(r) for r in results] == ["cannot begin"] * 3

@@ -1,6 +1,11 @@
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from controller.states import State
 from controller.store import JobRow, Store
@@ -107,3 +112,168 @@ def _renamed(name: str) -> JobRow:
     row = job(name)
     row.id = f"id-{name}-2"
     return row
+
+
+class FaultyConnection:
+    """The store's SQLite connection, failing where a test says (what a full disk or
+    an I/O error does to it); everything else goes to the real connection."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.commits_before_failure: int | None = None  # None: no COMMIT fails
+        self.roll_back_on: str | None = None  # SQL text: SQLite rolls back, then raises
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT" and self.commits_before_failure is not None:
+            if self.commits_before_failure == 0:
+                self.commits_before_failure = None
+                self.db.execute("ROLLBACK")
+                raise sqlite3.OperationalError("disk I/O error")
+            self.commits_before_failure -= 1
+        if self.roll_back_on is not None and sql.startswith(self.roll_back_on):
+            self.roll_back_on = None
+            self.db.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+async def one_batch(store: Store, *calls: Awaitable[Any],
+                    arm: Callable[[], None] = lambda: None) -> list[Any]:
+    """Run store calls as one batch of its worker (held until all were submitted);
+    ``arm`` is called once the batch before it runs."""
+    started, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        gate.wait(5)
+
+    holder = store._worker.run(hold)
+    assert await asyncio.to_thread(started.wait, 5)
+    arm()
+    futures = [asyncio.ensure_future(call) for call in calls]
+    await asyncio.sleep(0)  # each call is handed to the worker
+    gate.set()
+    await holder
+    return await asyncio.gather(*futures, return_exceptions=True)
+
+
+async def open_faulty(path: Path) -> tuple[Store, FaultyConnection]:
+    store = Store(path)
+    await store.open()
+    faulty = FaultyConnection(store.db)
+    store._db = faulty  # type: ignore[assignment]
+    return store, faulty
+
+
+async def test_the_calls_of_a_batch_commit_together_and_a_failed_one_undoes_only_itself(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        # an attempt row in the way: inserting job "x" fails at its second statement
+        await store._run(lambda: store.db.execute(
+            "INSERT INTO attempts VALUES ('id-x', 1, NULL, 0)"))
+        a, x, b = await one_batch(store, store.insert_job(job("a")), store.insert_job(job("x")),
+                                  store.insert_job(job("b")))
+        assert isinstance(x, sqlite3.IntegrityError)
+        assert a.name == "a" and b.name == "b"
+    finally:
+        await store.close()
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        assert {j.name for j in await store.list_jobs()} == {"a", "b"}  # no half of "x"
+    finally:
+        await store.close()
+
+
+async def test_a_commit_that_fails_fails_every_call_of_its_batch_and_changes_nothing(
+        tmp_path: Path) -> None:
+    store, faulty = await open_faulty(tmp_path / "db.sqlite3")
+    try:
+        e = await store.insert_job(job("e"))
+        assert await store.assign(e.id, 1, "h1")
+        assert (await store.get_live("e")).state is State.ASSIGNED  # type: ignore[union-attr]
+        # the batch holding the worker commits; the next one (these calls) fails
+        results = await one_batch(
+            store, store.insert_job(job("a")),
+            store.apply_event(e.id, 1, State.RUNNING, agent="h1", message="running"),
+            store.get(e.id), arm=lambda: setattr(faulty, "commits_before_failure", 1))
+        assert [str(r) for r in results] == ["disk I/O error"] * 3
+        # nothing of the batch is seen, cached or stored; the next batch works
+        assert await store.get_live("a") is None
+        assert (await store.get_live("e")).state is State.ASSIGNED  # type: ignore[union-attr]
+        running = await store.apply_event(e.id, 1, State.RUNNING, agent="h1", message="running")
+        assert running is not None and running.state is State.RUNNING
+    finally:
+        await store.close()
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        assert [(j.name, j.state) for j in await store.list_jobs()] == [("e", State.RUNNING)]
+    finally:
+        await store.close()
+
+
+async def test_a_transaction_sqlite_rolled_back_fails_the_whole_batch(tmp_path: Path) -> None:
+    """On a full disk SQLite may roll back the whole transaction by itself: the calls
+    of the batch that had succeeded before it must not report a write that is gone."""
+    store, faulty = await open_faulty(tmp_path / "db.sqlite3")
+    try:
+        faulty.roll_back_on = "INSERT INTO attempts"
+        results = await one_batch(store, store.get_live("a"), store.insert_job(job("a")),
+                                  store.insert_job(job("b")))
+        assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
+        assert str(results[1]) == "database or disk is full"
+        assert await store.get_live("a") is None and await store.get_live("b") is None
+        assert (await store.insert_job(job("c"))).name == "c"
+        assert {j.name for j in await store.list_jobs()} == {"c"}
+    finally:
+        await store.close()
+
+
+async def test_a_job_just_written_is_read_without_waiting_for_the_store_thread(
+        tmp_path: Path) -> None:
+    """Status GETs poll jobs that just changed: each write leaves the new row in
+    memory, so the read after it does not queue behind other writes."""
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        j = await store.insert_job(job("a"))
+        writes: list[tuple[Callable[[], Awaitable[Any]], tuple[State, str, str]]] = [
+            (lambda: store.assign(j.id, 1, "h1"), (State.ASSIGNED, "created", "")),
+            (lambda: store.apply_event(j.id, 1, State.RUNNING, agent="h1", message="running"),
+             (State.RUNNING, "running", "")),
+            (lambda: store.set_logs(j.id, 1, "out"), (State.RUNNING, "running", "out")),
+            (lambda: store.apply_event(j.id, 1, State.COMPLETE, agent="h1", message="exited",
+                                       exit_code=0), (State.COMPLETE, "exited", "out")),
+        ]
+        seen = [await read_while_the_store_is_busy(store)]
+        for write, _ in writes:
+            await write()
+            seen.append(await read_while_the_store_is_busy(store))
+    finally:
+        await store.close()
+    assert seen == [(State.QUEUED, "queued", ""), *(want for _, want in writes)]
+
+
+async def read_while_the_store_is_busy(store: Store) -> tuple[State, str, str]:
+    started, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        gate.wait(5)
+
+    holder = store._worker.run(hold)
+    try:
+        assert await asyncio.to_thread(started.wait, 5)
+        async with asyncio.timeout(1):  # the worker is held for 5 s
+            row = await store.get_live("a")
+    finally:
+        gate.set()
+        await holder
+    assert row is not None
+    return row.state, row.message, row.logs

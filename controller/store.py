@@ -402,8 +402,8 @@ class Store:
             self.db.execute("UPDATE attempts SET agent = ? WHERE job = ? AND attempt = ?",
                             (agent, job_id, attempt))
         if cached is not None:  # the UPDATE matched, so the cached row was this attempt's
-            self._cache(replace(cached, state=State.ASSIGNED, agent=agent,
-                                            message="created", updated_at=now))
+            self._cache(replace(cached, state=State.ASSIGNED, agent=agent, message="created",
+                                updated_at=now))
         return True
 
     async def requeue(self, job_id: str, attempt: int, message: str) -> bool:

@@ -155,6 +155,7 @@ class Store:
         # Rows cached (or None: forgotten) by the calls of the running batch, by job
         # id: they reach _live only once the batch committed.
         self._batch_rows: dict[str, JobRow | None] | None = None
+        self._close_failure: BaseException | None = None  # the closing batch's commit
 
     # ------------------------------------------------------------------ plumbing
 
@@ -170,21 +171,39 @@ class Store:
         return fn(*args)
 
     def _begin_batch(self) -> None:
-        if self._db is not None and not self._db.in_transaction:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._batch_rows = {}
+        db = self._db
+        if db is None:  # the batch that opens the database
+            return
+        if db.in_transaction:
+            # Left by a failed commit whose rollback failed too: never build on it (its
+            # writes would be committed with the next ones).  Raising fails this batch;
+            # the next one tries again.
+            db.execute("ROLLBACK")
+        # Deferred: a batch of reads takes no write lock (this connection is the only
+        # writer; the first write of a batch takes the lock).
+        db.execute("BEGIN")
+        self._batch_rows = {}
+
+    def _commit_batch(self) -> None:
+        """Commit the running batch, or raise why its writes are gone."""
+        db = self._db
+        if db is None:  # the batch closed the database: _close committed it
+            failure, self._close_failure = self._close_failure, None
+            if failure is not None:
+                raise failure
+            return
+        if not db.in_transaction:
+            # SQLite rolled it back on an error (a full disk, an I/O error): the
+            # batch's writes are gone, whatever its calls returned
+            raise sqlite3.OperationalError("the store's transaction was rolled back")
+        db.execute("COMMIT")
 
     def _end_batch(self) -> None:
         rows, self._batch_rows = self._batch_rows, None
         if rows is None:  # no transaction (the batch that opened the database)
             return
         try:
-            if self._db is not None:  # None: the batch closed it (after a commit)
-                if not self._db.in_transaction:
-                    # SQLite rolled it back on an error (a full disk, an I/O error):
-                    # the batch's writes are gone, whatever its calls returned
-                    raise sqlite3.OperationalError("the store's transaction was rolled back")
-                self._db.execute("COMMIT")
+            self._commit_batch()
         except BaseException:
             # Nothing of the batch reached the cache: its rows wait in ``rows``, and
             # the rows it changed were dropped from the cache when it changed them.
@@ -227,14 +246,27 @@ class Store:
         self._next_seq = (db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]) + 1
 
     async def close(self) -> None:
-        await self._run(self._close)
-        self._worker.stop()
+        try:
+            # not through _in_batch: the database is closed even after a failed batch
+            await self._worker.run(self._close)
+        finally:
+            self._worker.stop()
 
     def _close(self) -> None:
-        if self._db is not None:
-            if self._db.in_transaction:
-                self._db.execute("COMMIT")  # the writes of this batch before the close
-            self._db.close()
+        db = self._db
+        if db is None:
+            return
+        try:
+            if self._batch_rows is not None:  # the calls of this batch before the close
+                self._commit_batch()
+        except BaseException as exc:
+            self._close_failure = exc  # what those calls get from _end_batch
+            with contextlib.suppress(sqlite3.Error):
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
             self._db = None
 
     @property

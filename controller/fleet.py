@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from controller import placement
 from controller.auth import decode_agent_token
 from controller.config import Config
 from controller.errors import Unauthorized
+from controller.ids import new_id
 from controller.states import TERMINAL, State
 from controller.store import JobRow, Store
 
@@ -52,6 +52,7 @@ CLOSE_TIMEOUT = 5.0  # for the close handshake, likewise
 RUNS_REMEMBERED_MAX = 10_000  # per link, for an agent that never sends its inventory
 INVENTORY_MAX = 500_000  # attempts one agent may list (in parts) before its link is cut
 QUEUE_PAGE = 1000  # queued jobs read at a time by a placement round
+ASSIGN_GROUP = 64  # choices of a round assigned in one store call
 
 
 @dataclass
@@ -104,6 +105,15 @@ def _cancelling() -> bool:
     """Whether the current task itself is being cancelled (not a future it awaited)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+@dataclass
+class Choice:
+    """A placement round's decision: ``job`` goes to ``view``'s agent."""
+
+    job: JobRow
+    view: placement.AgentView
+    req: placement.Request
 
 
 @dataclass
@@ -498,17 +508,21 @@ class Fleet:
         return silent > SUSPECT_AFTER_MISSED * self.config.heartbeat_interval
 
     async def place_queued(self) -> int:
-        """One placement round over the queue, oldest first; returns jobs placed."""
-        queued = await self.store.queued(QUEUE_PAGE)
+        """One placement round over the queue, oldest first; returns jobs placed.
+
+        Choices are assigned in the store a group at a time (one store call and one
+        commit for up to ``ASSIGN_GROUP`` jobs, not one each), then their runs sent."""
+        queued, usage = await self.store.queued_and_usage(QUEUE_PAGE)
         if not queued or not self.sessions:
             return 0
-        views = self.views(await self.store.usage_by_agent())
+        views = self.views(usage)
         placed = 0
         no_room: set[placement.Request] = set()  # capacity only shrinks during a round
-        index = -1
+        chosen: list[Choice] = []
         async for job in self._whole_queue(queued):
-            index += 1
-            if index % 64 == 63:
+            if len(chosen) >= ASSIGN_GROUP:
+                placed += await self._start(chosen)
+                chosen = []
                 await asyncio.sleep(0)  # a long queue must not hold the loop
             req = request_of(job)
             if req in no_room:
@@ -518,11 +532,36 @@ class Fleet:
             if view is None:
                 no_room.add(req)
                 continue
-            session = self.sessions.get(view.name)
-            if session is None or not await self.store.assign(job.id, job.attempt, view.name):
-                continue
             view.take(req)
+            chosen.append(Choice(job, view, req))
+        return placed + await self._start(chosen)
+
+    async def _start(self, chosen: list[Choice]) -> int:
+        """Assign a group of choices (one store call), then send their runs."""
+        live = []
+        for choice in chosen:
+            if choice.view.name in self.sessions:
+                live.append(choice)
+            else:  # the agent left during the round
+                choice.view.give_back(choice.req)
+        if not live:
+            return 0
+        assigned = await self.store.assign_many(
+            [(c.job.id, c.job.attempt, c.view.name) for c in live])
+        placed = 0
+        for choice, ok in zip(live, assigned, strict=True):
+            job, name = choice.job, choice.view.name
+            if not ok:  # the job moved on meanwhile (removed): its room is free again
+                choice.view.give_back(choice.req)
+                self.kick()
+                continue
+            placed += 1
+            log.info("job placed jid=%s name=%s attempt=%s agent=%s", job.jid, job.name,
+                     job.attempt, name)
+            session = self.sessions.get(name)
             try:
+                if session is None:
+                    raise ConnectionResetError
                 await session.send(p.Run(spec=spec_for(job, self.config.job_logs_tail)))
                 sent = session.runs_before_inventory
                 if sent is not None and len(sent) < RUNS_REMEMBERED_MAX:
@@ -530,10 +569,7 @@ class Fleet:
             except ConnectionResetError:
                 # Not sent: the agent is gone.  It stays ASSIGNED; the reconnect's
                 # reconcile resends it, or the lease marks it LOST.
-                log.warning("run not sent, agent link down jid=%s agent=%s", job.jid, view.name)
-            placed += 1
-            log.info("job placed jid=%s name=%s attempt=%s agent=%s", job.jid, job.name,
-                     job.attempt, view.name)
+                log.warning("run not sent, agent link down jid=%s agent=%s", job.jid, name)
         return placed
 
     async def _whole_queue(self, first: list[JobRow]) -> AsyncIterator[JobRow]:
@@ -600,7 +636,7 @@ class Fleet:
                 await session.send(p.Remove(job=job.id, attempt=attempt, name=job.name))
             return
         await self._ask(session, p.Remove(job=job.id, attempt=attempt, name=job.name,
-                                          request=uuid.uuid4().hex), wait)
+                                          request=new_id()), wait)
 
     async def _ask(self, session: AgentSession, message: p.Remove | p.LogsRequest,
                    within: float) -> p.Message:
@@ -636,7 +672,7 @@ class Fleet:
         if session is None:
             return job.logs
         reply = await self._ask(session, p.LogsRequest(
-            request=uuid.uuid4().hex, job=job.id, attempt=job.attempt,
+            request=new_id(), job=job.id, attempt=job.attempt,
             tail=self.config.job_logs_tail), LOGS_REQUEST_TIMEOUT)
         assert isinstance(reply, p.LogsReply)
         return reply.logs

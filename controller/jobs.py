@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -22,6 +21,7 @@ from controller import compute, placement
 from controller.config import Config
 from controller.errors import ApiError, BadRequest, Conflict, NotFound
 from controller.fleet import Fleet, request_of
+from controller.ids import new_id
 from controller.states import RERUN_STATUSES, TERMINAL, State, pfcon_status
 from controller.storage import modes, zipmode
 from controller.storage.paths import StorageError, key_dir
@@ -282,7 +282,7 @@ class JobService:
             await self.fleet.remove_workload(rerun, old_attempt)
         else:
             job = await self.store.insert_job(JobRow(
-                id=uuid.uuid4().hex, seq=0, name=compute.runtime_name(kind, jid), jid=jid,
+                id=new_id(), seq=0, name=compute.runtime_name(kind, jid), jid=jid,
                 kind=kind, state=State.QUEUED, attempt=1, agent=None, spec=spec, image=image,
                 cmd=cmd, message="queued"))
         log.info("job submitted jid=%s name=%s kind=%s attempt=%s", jid, job.name, kind,

@@ -61,6 +61,12 @@ class AgentView:
         self.used_memory += req.memory_mib
         self.used_gpus += req.gpus
 
+    def give_back(self, req: Request) -> None:
+        """Undo ``take`` (the job it was taken for did not start here)."""
+        self.used_cpu -= req.cpu_millicores
+        self.used_memory -= req.memory_mib
+        self.used_gpus -= req.gpus
+
 
 def matches(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())

@@ -84,6 +84,9 @@ CREATE TABLE IF NOT EXISTS agent_tokens (
 """
 
 LIVE_CACHE_MAX = 100_000  # cached live rows before the cache starts over
+# Past this many live jobs the store stops keeping their names in memory (about 100
+# bytes each), and every lookup of a name not cached asks the database again.
+LIVE_NAMES_MAX = 1_000_000
 GET_MANY_CHUNK = 500  # ids per SELECT ... IN (...), well below SQLite's variable limit
 _JOB_COLUMNS = ("id", "seq", "name", "jid", "kind", "state", "attempt", "agent", "spec",
                 "image", "cmd", "message", "started_at", "finished_at", "exit_code", "logs",
@@ -152,6 +155,14 @@ class Store:
         # from before it, and the GETs polling a job rarely miss.
         self._live: dict[str, JobRow] = {}
         self._live_names: dict[str, str] = {}  # job id -> its name in _live
+        # Every name that may have a live row: all that have one, plus names whose
+        # insert is not committed yet or was rolled back.  A name outside it has no
+        # live row, so a submit's lookup of a new jid needs no hop to the store
+        # thread.  Names join before their insert commits and leave only after
+        # their removal did.  None: too many to keep (LIVE_NAMES_MAX).
+        self._maybe_live: set[str] | None = set()
+        # Names the running batch inserted (True) or removed (False), last word wins.
+        self._batch_names: dict[str, bool] = {}
         # Rows cached (or None: forgotten) by the calls of the running batch, by job
         # id: they reach _live only once the batch committed.
         self._batch_rows: dict[str, JobRow | None] | None = None
@@ -207,6 +218,8 @@ class Store:
         except BaseException:
             # Nothing of the batch reached the cache: its rows wait in ``rows``, and
             # the rows it changed were dropped from the cache when it changed them.
+            # Its inserted names stay in _maybe_live: a superset is still right.
+            self._batch_names = {}
             with contextlib.suppress(sqlite3.Error):
                 if self._db is not None and self._db.in_transaction:
                     self._db.execute("ROLLBACK")
@@ -217,6 +230,12 @@ class Store:
         for job in rows.values():
             if job is not None:
                 self._put_cached(job)
+        names, self._batch_names = self._batch_names, {}
+        maybe_live = self._maybe_live
+        if maybe_live is not None:
+            for name, live in names.items():
+                if not live:
+                    maybe_live.discard(name)
 
     @contextlib.contextmanager
     def _atomic(self) -> Iterator[None]:
@@ -244,6 +263,9 @@ class Store:
         db.executescript(SCHEMA)
         self._db = db
         self._next_seq = (db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]) + 1
+        names = db.execute("SELECT name FROM jobs WHERE removed = 0 LIMIT ?",
+                           (LIVE_NAMES_MAX + 1,)).fetchall()
+        self._maybe_live = {n for (n,) in names} if len(names) <= LIVE_NAMES_MAX else None
 
     async def close(self) -> None:
         try:
@@ -285,14 +307,27 @@ class Store:
         now = time.time()
         job.seq, job.created_at, job.updated_at = self._next_seq, now, now
         self._next_seq += 1
+        self._name_may_live(job.name)
         with self._atomic():
             self.db.execute(
                 f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES "
                 f"({', '.join('?' * len(_JOB_COLUMNS))})", self._job_values(job))
             self.db.execute("INSERT INTO attempts VALUES (?, ?, ?, ?)",
                             (job.id, job.attempt, job.agent, now))
+        self._batch_names[job.name] = True
         self._cache(copy.copy(job))
         return job
+
+    def _name_may_live(self, name: str) -> None:
+        """``name`` is about to get a live row (before the write: the set must never
+        miss a committed one)."""
+        maybe_live = self._maybe_live
+        if maybe_live is None:
+            return
+        if len(maybe_live) >= LIVE_NAMES_MAX:
+            self._maybe_live = None
+            return
+        maybe_live.add(name)
 
     @staticmethod
     def _job_values(job: JobRow) -> tuple[Any, ...]:
@@ -313,6 +348,9 @@ class Store:
         cached = self._live.get(name)
         if cached is not None:
             return copy.copy(cached)
+        maybe_live = self._maybe_live
+        if maybe_live is not None and name not in maybe_live:
+            return None
         return await self._run(self._get_live, name)
 
     def _get_live(self, name: str) -> JobRow | None:
@@ -438,6 +476,20 @@ class Store:
                                 updated_at=now))
         return True
 
+    async def assign_many(self, choices: list[tuple[str, int, str]]) -> list[bool]:
+        """``assign`` for each (job id, attempt, agent) of a placement round, in one
+        store call; all or none of them when one fails."""
+        return await self._run(self._assign_many, choices)
+
+    def _assign_many(self, choices: list[tuple[str, int, str]]) -> list[bool]:
+        try:
+            with self._atomic():
+                return [self._assign(*choice) for choice in choices]
+        except BaseException:
+            for job_id, _, _ in choices:  # rows the undone assigns cached
+                self._forget(job_id)
+            raise
+
     async def requeue(self, job_id: str, attempt: int, message: str) -> bool:
         """ASSIGNED -> QUEUED (the agent could not take it); False if it moved on."""
         return await self._run(self._requeue, job_id, attempt, message)
@@ -462,11 +514,12 @@ class Store:
 
     def _apply_event(self, job_id: str, attempt: int, state: State, agent: str | None,
                      values: dict[str, Any]) -> JobRow | None:
-        self._forget(job_id)
+        cached = self._forget(job_id)
         allowed = {"message", "started_at", "finished_at", "exit_code", "logs"}
         assert set(values) <= allowed, values
         sets = ", ".join(f"{k} = ?" for k in values)
         terminal = tuple(s.value for s in TERMINAL)
+        now = time.time()
         # RUNNING may only follow QUEUED/ASSIGNED; a terminal state may follow any
         # active one.  Never leave a terminal state (sinks).
         cur = self.db.execute(
@@ -474,11 +527,15 @@ class Store:
             f"WHERE id = ? AND attempt = ? AND state NOT IN ({', '.join('?' * len(terminal))})"
             + (" AND state != 'RUNNING'" if state is State.RUNNING else "")
             + (" AND agent = ?" if agent is not None else ""),
-            (state.value, time.time(), *values.values(), job_id, attempt, *terminal,
+            (state.value, now, *values.values(), job_id, attempt, *terminal,
              *((agent,) if agent is not None else ())))
         if cur.rowcount != 1:
             return None
-        job = self._get(job_id)
+        if cached is not None and cached.attempt == attempt:
+            # the row as the UPDATE left it, without reading it back (and parsing its spec)
+            job: JobRow | None = replace(cached, state=state, updated_at=now, **values)
+        else:
+            job = self._get(job_id)
         if job is not None:
             self._cache(copy.copy(job))
         return job
@@ -507,7 +564,10 @@ class Store:
                 (State.CANCELED.value, message, job_id, *active))
             self.db.execute("UPDATE jobs SET removed = 1, updated_at = ? WHERE id = ?",
                             (time.time(), job_id))
-        return self._get(job_id)
+        job = self._get(job_id)
+        if job is not None:
+            self._batch_names[job.name] = False
+        return job
 
     async def queued(self, limit: int = 1000, after: int = 0) -> list[JobRow]:
         """Jobs waiting for an agent, oldest first (from the one after seq ``after``)."""
@@ -527,6 +587,17 @@ class Store:
         query += " ORDER BY seq LIMIT ?"
         args.append(limit)
         return [JobRow.from_row(r) for r in self.db.execute(query, args).fetchall()]
+
+    async def queued_and_usage(self, limit: int) -> tuple[list[JobRow],
+                                                          dict[str, tuple[int, int, int]]]:
+        """``queued(limit)`` and ``usage_by_agent()`` in one store call (what a
+        placement round starts with)."""
+        return await self._run(self._queued_and_usage, limit)
+
+    def _queued_and_usage(self, limit: int) -> tuple[list[JobRow],
+                                                     dict[str, tuple[int, int, int]]]:
+        queued = self._by_state((State.QUEUED,), None, limit)
+        return queued, (self._usage_by_agent() if queued else {})
 
     async def usage_by_agent(self) -> dict[str, tuple[int, int, int]]:
         """CPU millicores, memory MiB and GPUs held by ASSIGNED/RUNNING jobs, per agent."""

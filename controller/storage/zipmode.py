@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from agent.chrislinks import LinkError, count_files, expand_links
 from agent.fstree import ignore, remove_tree
 from agent.protocol import Mount
+from controller.ids import new_id
 from controller.storage.paths import StorageError, key_dir
 from controller.storage.zipstream import ZipStreamUnpacker
 
@@ -40,7 +40,7 @@ class ZipUpload:
 
     def __init__(self, storebase: Path, spool_dir: Path, *, max_files: int,
                  max_bytes: int) -> None:
-        name = uuid.uuid4().hex
+        name = new_id()
         self.staging = storebase / STAGING_DIR / name
         self.spool = spool_dir / f"{SPOOL_PREFIX}{name}"
         self.max_files = max_files

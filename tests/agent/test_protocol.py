@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 
 from agent import protocol as p
@@ -22,6 +25,19 @@ def test_every_message_round_trips() -> None:
     ]
     for message in messages:
         assert p.decode(p.encode(message)) == message
+        assert json.loads(p.encode(message)) == p.encode_dict(message)  # the same text
+
+
+def test_encoding_leaves_the_message_alone() -> None:
+    spec = p.JobSpec(job="j", attempt=1, name="n", jid="n", kind="copy", image="",
+                     command=[], op={"paths": [["a", "b"]], "nested": {"k": [1]}},
+                     mounts=[p.Mount("s", "/t", False)])
+    run = p.Run(spec=spec)
+    before = copy.deepcopy(run)
+    body = json.loads(p.encode(run))
+    assert body["spec"]["mounts"] == [{"source": "s", "target": "/t", "read_only": False}]
+    assert body["spec"]["op"] == {"paths": [["a", "b"]], "nested": {"k": [1]}}
+    assert run == before and "type" not in spec.op
 
 
 @pytest.mark.parametrize("text, error", [

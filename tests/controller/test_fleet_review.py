@@ -314,3 +314,43 @@ async def test_drain_deadline_stops_waiting_when_undrained(
     err = capsys.readouterr().err
     assert "undrained while waiting, 1 job(s) active" in err, err
     await ws.close()
+
+
+async def test_a_job_removed_as_its_round_assigns_it_gives_its_room_back(
+        ctl: Controller, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round assigns its choices after making them: a job deleted in between is not
+    started, and the job that had no room because of it gets the place."""
+    ws = await dial(ctl, http, "mallory", {"cpu_millicores": 100, "memory_mib": 1000,
+                                            "gpus": 0})
+    deleted, waiting = await add_job(ctl.store), await add_job(ctl.store)
+    assign_many = ctl.store.assign_many
+
+    async def deleted_first(choices: list[tuple[str, int, str]]) -> list[bool]:
+        if choices and choices[0][0] == deleted.id:
+            await ctl.store.mark_removed(deleted.id)  # the client's DELETE got in first
+        return await assign_many(choices)
+
+    monkeypatch.setattr(ctl.store, "assign_many", deleted_first)
+    assert await ctl.fleet.place_queued() == 0  # chose "deleted"; "waiting" had no room
+    run = await expect(ws, p.Run)  # the round the lost assign asked for
+    assert run.spec.job == waiting.id
+    assert (await ctl.store.get(deleted.id)).state is State.CANCELED  # type: ignore[union-attr]
+    await ws.close()
+
+
+async def test_a_round_does_not_assign_to_an_agent_that_left_during_it(
+        ctl: Controller, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = await dial(ctl, http, "mallory", HUGE)
+    job = await add_job(ctl.store)
+    choose = fleet_module.placement.choose
+
+    def choose_then_disconnect(*args: Any, **kwargs: Any) -> Any:
+        view = choose(*args, **kwargs)
+        ctl.fleet.sessions.pop("mallory", None)  # its link closed while the round ran
+        return view
+
+    monkeypatch.setattr(fleet_module.placement, "choose", choose_then_disconnect)
+    assert await ctl.fleet.place_queued() == 0
+    stored = await ctl.store.get(job.id)
+    assert stored is not None and stored.state is State.QUEUED and stored.agent is None
+    await ws.close()

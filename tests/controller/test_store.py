@@ -126,6 +126,8 @@ class FaultyConnection:
         self.commits_before_failure: int | None = None  # None: no COMMIT fails
         self.roll_back_on: str | None = None  # SQL text: SQLite rolls back, then raises
         self.stuck = False  # the next COMMIT and ROLLBACK fail, the transaction stays
+        self.fail_on: str | None = None  # SQL text: this statement fails (an I/O error)...
+        self.fail_after = 0  # ...after this many of them went through
 
     def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
         if self.stuck and sql in ("COMMIT", "ROLLBACK"):
@@ -138,6 +140,11 @@ class FaultyConnection:
                 self.db.execute("ROLLBACK")
                 raise sqlite3.OperationalError("disk I/O error")
             self.commits_before_failure -= 1
+        if self.fail_on is not None and sql.startswith(self.fail_on):
+            if self.fail_after == 0:
+                self.fail_on = None
+                raise sqlite3.OperationalError("disk I/O error")
+            self.fail_after -= 1
         if self.roll_back_on is not None and sql.startswith(self.roll_back_on):
             self.roll_back_on = None
             self.db.execute("ROLLBACK")
@@ -242,7 +249,7 @@ async def test_a_transaction_sqlite_rolled_back_fails_the_whole_batch(tmp_path: 
     store, faulty = await open_faulty(tmp_path / "db.sqlite3")
     try:
         faulty.roll_back_on = "INSERT INTO attempts"
-        results = await one_batch(store, store.get_live("a"), store.insert_job(job("a")),
+        results = await one_batch(store, store.list_jobs(), store.insert_job(job("a")),
                                   store.insert_job(job("b")))
         assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
         assert str(results[1]) == "database or disk is full"
@@ -351,3 +358,103 @@ def committed_names(path: Path) -> list[str]:
         return [r[0] for r in db.execute("SELECT name FROM jobs ORDER BY seq")]
     finally:
         db.close()
+
+
+def forget_cached_rows(store: Store) -> None:
+    """Empty the store's row cache: the next reads go to the database."""
+    store._live.clear()
+    store._live_names.clear()
+
+
+async def test_a_name_without_a_live_job_is_answered_without_the_store_thread(
+        tmp_path: Path) -> None:
+    """A submit looks its jid up first: for a new one, the answer needs no hop to
+    the store thread, which may be busy with other writes."""
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        removed = await store.insert_job(job("removed"))
+        await store.insert_job(job("live"))
+        await store.mark_removed(removed.id)
+        async with store_held(store), asyncio.timeout(1):  # the worker is held for 5 s
+            assert await store.get_live("new") is None
+            assert await store.get_live("removed") is None
+    finally:
+        await store.close()
+    store = Store(tmp_path / "db.sqlite3")  # what is live is known again after a restart
+    await store.open()
+    try:
+        async with store_held(store), asyncio.timeout(1):
+            assert await store.get_live("removed") is None
+        found = await store.get_live("live")
+        assert found is not None and found.id == "id-live"
+    finally:
+        await store.close()
+
+
+async def test_a_jid_deleted_and_submitted_again_in_one_batch_is_found(tmp_path: Path) -> None:
+    """The name of a job removed and inserted again in the same transaction stays
+    known as live: the removal's commit must not hide the new job."""
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        first = await store.insert_job(job("a"))
+        again = job("a")
+        again.id = "id-a-again"
+        results = await one_batch(store, store.mark_removed(first.id), store.insert_job(again))
+        assert not any(isinstance(r, BaseException) for r in results), results
+        forget_cached_rows(store)
+        found = await store.get_live("a")
+        assert found is not None and found.id == "id-a-again"
+        # and removed then, in the next batch, it is gone
+        await store.mark_removed(again.id)
+        forget_cached_rows(store)
+        assert await store.get_live("a") is None
+    finally:
+        await store.close()
+
+
+async def test_assign_many_assigns_what_it_can_and_nothing_when_a_write_fails(
+        tmp_path: Path) -> None:
+    store, faulty = await open_faulty(tmp_path / "db.sqlite3")
+    try:
+        a, b, gone = [await store.insert_job(job(n)) for n in ("a", "b", "gone")]
+        await store.mark_removed(gone.id)
+        assert await store.assign_many([(a.id, 1, "h1"), (gone.id, 1, "h1"),
+                                        (b.id, 1, "h2")]) == [True, False, True]
+        c, d = [await store.insert_job(job(n)) for n in ("c", "d")]
+        faulty.fail_on, faulty.fail_after = "UPDATE attempts", 1  # the second assign fails
+        with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+            await store.assign_many([(c.id, 1, "h1"), (d.id, 1, "h1")])
+        for cached in (True, False):  # what readers see, then what the database holds
+            if not cached:
+                forget_cached_rows(store)
+            rows = [await store.get_live(n) for n in ("a", "b", "c", "d")]
+            assert [(r.state, r.agent) for r in rows if r is not None] == [
+                (State.ASSIGNED, "h1"), (State.ASSIGNED, "h2"),
+                (State.QUEUED, None), (State.QUEUED, None)]
+        assert await store.usage_by_agent() == {"h1": (500, 100, 0), "h2": (500, 100, 0)}
+    finally:
+        await store.close()
+
+
+async def test_an_event_leaves_in_memory_the_row_the_database_holds(tmp_path: Path) -> None:
+    """Events derive the new row from the cached one instead of reading it back:
+    it must be the row the database now holds, field for field."""
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        j = await store.insert_job(job("a"))
+        await store.assign(j.id, 1, "h1")
+        await store.set_logs(j.id, 1, "tail")
+        steps = [(State.RUNNING, {"message": "running", "started_at": "2026-12-07T10:00:00Z"}),
+                 (State.EXECUTOR_ERROR, {"message": "exited 3", "exit_code": 3,
+                                         "finished_at": "2026-12-07T10:00:05Z", "logs": "x\n"})]
+        for state, values in steps:
+            returned = await store.apply_event(j.id, 1, state, agent="h1", **values)
+            cached = await store.get_live("a")
+            stored = await store._run(store._get, j.id)
+            assert returned == cached == stored, (returned, stored)
+            assert stored is not None and stored.state is state
+    finally:
+        await store.close()

@@ -182,9 +182,11 @@ def controller_proc(
     *,
     local_agent: bool,
     extra_args: list[str] | None = None,
+    dev: bool = True,
 ) -> ControllerProc:
-    """The controller command (``--dev``, optionally ``--local-agent``) and its
-    environment; ``extra_args`` are appended to its argv (e.g. ``--log-level``)."""
+    """The controller command (``--dev`` unless ``dev`` is False, optionally
+    ``--local-agent``) and its environment; ``extra_args`` are appended to its argv
+    (e.g. ``--log-level``)."""
     full_env = {
         "PATH": os.environ.get("PATH", ""),
         "HOME": os.environ.get("HOME", "/root"),
@@ -194,7 +196,8 @@ def controller_proc(
         "PYTHONUNBUFFERED": "1",
         **env,
     }
-    argv = [str(BIN / "pfleet-controller"), "--dev"] + (["--local-agent"] if local_agent else [])
+    argv = [str(BIN / "pfleet-controller"), *(["--dev"] if dev else []),
+            *(["--local-agent"] if local_agent else [])]
     argv += list(extra_args or [])
     return ControllerProc(
         name="controller", argv=argv, env=full_env, log_path=workdir / "controller.log", port=port

@@ -52,7 +52,7 @@ CLOSE_TIMEOUT = 5.0  # for the close handshake, likewise
 RUNS_REMEMBERED_MAX = 10_000  # per link, for an agent that never sends its inventory
 INVENTORY_MAX = 500_000  # attempts one agent may list (in parts) before its link is cut
 QUEUE_PAGE = 1000  # queued jobs read at a time by a placement round
-ASSIGN_GROUP = 64  # choices of a round assigned in one store call
+ASSIGN_GROUP = 64  # jobs a round considers between two store calls assigning its choices
 
 
 @dataclass
@@ -511,7 +511,8 @@ class Fleet:
         """One placement round over the queue, oldest first; returns jobs placed.
 
         Choices are assigned in the store a group at a time (one store call and one
-        commit for up to ``ASSIGN_GROUP`` jobs, not one each), then their runs sent."""
+        commit for the choices among ``ASSIGN_GROUP`` jobs considered, not one each),
+        then their runs sent."""
         queued, usage = await self.store.queued_and_usage(QUEUE_PAGE)
         if not queued or not self.sessions:
             return 0
@@ -519,10 +520,13 @@ class Fleet:
         placed = 0
         no_room: set[placement.Request] = set()  # capacity only shrinks during a round
         chosen: list[Choice] = []
+        index = -1
         async for job in self._whole_queue(queued):
-            if len(chosen) >= ASSIGN_GROUP:
-                placed += await self._start(chosen)
-                chosen = []
+            index += 1
+            if index % ASSIGN_GROUP == ASSIGN_GROUP - 1:
+                if chosen:
+                    placed += await self._start(chosen)
+                    chosen = []
                 await asyncio.sleep(0)  # a long queue must not hold the loop
             req = request_of(job)
             if req in no_room:

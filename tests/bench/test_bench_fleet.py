@@ -29,8 +29,8 @@ real ``Store`` (SQLite in a temporary directory) holding 5,000 QUEUED jobs, with
 sessions whose WebSocket only counts what it is sent; rounds run until the queue is
 empty.  Per-job time = round time / jobs considered, and the p99 of one job's
 iteration: the time between two consecutive ``choose`` calls of a round, where the
-store call that assigns a group of up to 64 choices and the run messages sent for
-them count as a share for each job of the group.  Target: p99 < 5 ms.
+store call that assigns the choices among 64 jobs considered and the run messages
+sent for them count as a share for each of those jobs.  Target: p99 < 5 ms.
 
 **Bench 9, dispatch capacity.**  A real ``pfleet-controller`` process in production
 mode (compact JSON answers, as ChRIS deployments run it), 8 simulated agents
@@ -998,8 +998,8 @@ def test_placement_500_agents_5000_jobs(tmp_path: Path, monkeypatch: pytest.Monk
     report.note("rounds: " + ", ".join(f"{r.considered} considered / {r.placed} placed in "
                                         f"{r.seconds:.2f} s" for r in rounds))
     report.note(f"a round pages through the whole queue ({QUEUE_PAGE} jobs per store call) "
-                f"and assigns its choices {ASSIGN_GROUP} per store call; {QUEUED_JOBS} jobs "
-                f"inserted in {result['insert_s']:.1f} s; "
+                f"and assigns the choices among every {ASSIGN_GROUP} jobs it considers in "
+                f"one store call; {QUEUED_JOBS} jobs inserted in {result['insert_s']:.1f} s; "
                 f"{result['sent']} run messages sent; choose() over {AGENTS} views varied: "
                 f"capacity 4-128 cores, usage 0-60 %, 2 % each suspect/draining/unhealthy")
     report.note(load_note())

@@ -83,6 +83,67 @@ CREATE TABLE IF NOT EXISTS agent_tokens (
 );
 """
 
+# What the ASSIGNED and RUNNING jobs of each agent hold: kept by triggers in the
+# transaction of every write that moves a job onto or off an agent, and rebuilt
+# from the jobs at each open.  A placement round reads it instead of summing the
+# specs of every active job (26 ms per round with 20,000 of them).
+_HOLDS = f"('{State.ASSIGNED.value}', '{State.RUNNING.value}')"
+_SAME_HOLD = ("{a}.state IN " + _HOLDS + " AND {a}.agent IS {b}.agent AND {a}.spec IS {b}.spec")
+
+
+def _usage_terms(row: str) -> list[str]:
+    """CPU millicores, memory MiB and GPUs the job in ``row`` asks for."""
+    return [f"COALESCE(json_extract({row}.spec, '$.{key}'), 0)"
+            for key in ("cpu_limit", "memory_limit", "gpu_limit")]
+
+
+def _usage_join(row: str) -> str:
+    return (f"INSERT INTO agent_usage VALUES ({row}.agent, 1, {', '.join(_usage_terms(row))}) "
+            "ON CONFLICT(agent) DO UPDATE SET jobs = jobs + 1, cpu = cpu + excluded.cpu, "
+            "memory = memory + excluded.memory, gpus = gpus + excluded.gpus;")
+
+
+def _usage_leave(row: str) -> str:
+    cpu, memory, gpus = _usage_terms(row)
+    return (f"UPDATE agent_usage SET jobs = jobs - 1, cpu = cpu - {cpu}, "
+            f"memory = memory - {memory}, gpus = gpus - {gpus} WHERE agent = {row}.agent;")
+
+
+def _holds(row: str) -> str:
+    return f"{row}.state IN {_HOLDS} AND {row}.agent IS NOT NULL"
+
+
+# Dropped and made again at each open: a newer version's triggers replace older ones.
+USAGE_SCHEMA = f"""
+DROP TRIGGER IF EXISTS usage_inserted;
+DROP TRIGGER IF EXISTS usage_deleted;
+DROP TRIGGER IF EXISTS usage_left;
+DROP TRIGGER IF EXISTS usage_joined;
+CREATE TABLE IF NOT EXISTS agent_usage (
+    agent  TEXT PRIMARY KEY,
+    jobs   INTEGER NOT NULL,
+    cpu    INTEGER NOT NULL,
+    memory INTEGER NOT NULL,
+    gpus   INTEGER NOT NULL
+);
+CREATE TRIGGER usage_inserted AFTER INSERT ON jobs WHEN {_holds("new")}
+BEGIN {_usage_join("new")} END;
+CREATE TRIGGER usage_deleted AFTER DELETE ON jobs WHEN {_holds("old")}
+BEGIN {_usage_leave("old")} END;
+CREATE TRIGGER usage_left AFTER UPDATE OF state, agent, spec ON jobs
+WHEN {_holds("old")} AND NOT ({_SAME_HOLD.format(a="new", b="old")})
+BEGIN {_usage_leave("old")} END;
+CREATE TRIGGER usage_joined AFTER UPDATE OF state, agent, spec ON jobs
+WHEN {_holds("new")} AND NOT ({_SAME_HOLD.format(a="old", b="new")})
+BEGIN {_usage_join("new")} END;
+"""
+USAGE_REBUILD = f"""
+DELETE FROM agent_usage;
+INSERT INTO agent_usage SELECT agent, COUNT(*), {", ".join(
+    f"SUM({term})" for term in _usage_terms("jobs"))}
+FROM jobs WHERE {_holds("jobs")} GROUP BY agent;
+"""
+
 LIVE_CACHE_MAX = 100_000  # cached live rows before the cache starts over
 # Past this many live jobs the store stops keeping their names in memory (about 100
 # bytes each), and every lookup of a name not cached asks the database again.
@@ -261,6 +322,7 @@ class Store:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=5000")
         db.executescript(SCHEMA)
+        db.executescript(f"BEGIN; {USAGE_SCHEMA} {USAGE_REBUILD} COMMIT;")
         self._db = db
         self._next_seq = (db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]) + 1
         names = db.execute("SELECT name FROM jobs WHERE removed = 0 LIMIT ?",
@@ -605,22 +667,17 @@ class Store:
 
     def _usage_by_agent(self) -> dict[str, tuple[int, int, int]]:
         rows = self.db.execute(
-            "SELECT agent, SUM(json_extract(spec, '$.cpu_limit')), "
-            "SUM(json_extract(spec, '$.memory_limit')), SUM(json_extract(spec, '$.gpu_limit')) "
-            "FROM jobs WHERE state IN (?, ?) AND agent IS NOT NULL GROUP BY agent",
-            (State.ASSIGNED.value, State.RUNNING.value)).fetchall()
-        return {r[0]: (int(r[1] or 0), int(r[2] or 0), int(r[3] or 0)) for r in rows}
+            "SELECT agent, cpu, memory, gpus FROM agent_usage WHERE jobs > 0").fetchall()
+        return {r[0]: (int(r[1]), int(r[2]), int(r[3])) for r in rows}
 
     async def active_counts(self) -> dict[str, int]:
         """ASSIGNED/RUNNING jobs per agent."""
         return await self._run(lambda: dict(self.db.execute(
-            "SELECT agent, COUNT(*) FROM jobs WHERE state IN (?, ?) AND agent IS NOT NULL "
-            "GROUP BY agent", (State.ASSIGNED.value, State.RUNNING.value)).fetchall()))
+            "SELECT agent, jobs FROM agent_usage WHERE jobs > 0").fetchall()))
 
     async def agents_with_active_jobs(self) -> list[str]:
         return await self._run(lambda: [r[0] for r in self.db.execute(
-            "SELECT DISTINCT agent FROM jobs WHERE state IN (?, ?) AND agent IS NOT NULL",
-            (State.ASSIGNED.value, State.RUNNING.value)).fetchall()])
+            "SELECT agent FROM agent_usage WHERE jobs > 0").fetchall()])
 
     async def attempt_agent(self, job_id: str, attempt: int) -> str | None:
         return await self._run(self._attempt_agent, job_id, attempt)

@@ -18,7 +18,6 @@ page cache); only a machine crash can lose the last commits.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import sqlite3
 import time
@@ -179,6 +178,13 @@ class JobRow:
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
+
+    def clone(self) -> JobRow:
+        """A shallow copy: what ``copy.copy`` gives, for a fifth of its cost (one per
+        status GET)."""
+        twin = object.__new__(JobRow)
+        twin.__dict__.update(self.__dict__)
+        return twin
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRow:
@@ -377,7 +383,7 @@ class Store:
             self.db.execute("INSERT INTO attempts VALUES (?, ?, ?, ?)",
                             (job.id, job.attempt, job.agent, now))
         self._batch_names[job.name] = True
-        self._cache(copy.copy(job))
+        self._cache(job.clone())
         return job
 
     def _name_may_live(self, name: str) -> None:
@@ -409,7 +415,7 @@ class Store:
         """The job a client can see under this runtime name (not removed)."""
         cached = self._live.get(name)
         if cached is not None:
-            return copy.copy(cached)
+            return cached.clone()
         maybe_live = self._maybe_live
         if maybe_live is not None and name not in maybe_live:
             return None
@@ -422,7 +428,7 @@ class Store:
             return None
         job = JobRow.from_row(row)
         self._cache(job)
-        return copy.copy(job)
+        return job.clone()
 
     def _cache(self, job: JobRow) -> None:
         """Keep ``job`` (a row nobody else holds) as its name's live row once the batch
@@ -514,7 +520,7 @@ class Store:
             self.db.execute("INSERT INTO attempts VALUES (?, ?, NULL, ?)", (job_id, attempt, now))
         job = self._get(job_id)
         assert job is not None
-        self._cache(copy.copy(job))
+        self._cache(job.clone())
         return job
 
     async def assign(self, job_id: str, attempt: int, agent: str) -> bool:
@@ -599,7 +605,7 @@ class Store:
         else:
             job = self._get(job_id)
         if job is not None:
-            self._cache(copy.copy(job))
+            self._cache(job.clone())
         return job
 
     async def set_logs(self, job_id: str, attempt: int, logs: str) -> None:

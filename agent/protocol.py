@@ -19,6 +19,7 @@ brings both sides back in line.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar, Literal
@@ -376,16 +377,27 @@ def decode(text: str | bytes) -> Message:
         if not isinstance(more, bool):
             raise ProtocolError("inventory: more must be true or false")
         return Inventory(jobs=refs, more=more)
-    names = {f.name for f in fields(cls)}
-    required = {f.name for f in fields(cls)
-                if f.default is MISSING and f.default_factory is MISSING}
-    unknown = set(data) - names
+    names, required, _ = _shape(cls)
+    unknown = data.keys() - names
     if unknown:
         raise ProtocolError(f"{kind}: unknown fields {sorted(unknown)}")
-    _require_keys(data, sorted(required), kind)
+    _require_keys(data, required, kind)
     message = cls(**data)
     _check_types(message)
     return message
+
+
+@functools.cache
+def _shape(cls: type[Message]) -> tuple[frozenset[str], list[str],
+                                        tuple[tuple[str, tuple[type, ...]], ...]]:
+    """A message class's field names, required ones (sorted) and the type checks of
+    its fields: worked out once per class, not for every message read."""
+    names = frozenset(f.name for f in fields(cls))
+    required = sorted(f.name for f in fields(cls)
+                      if f.default is MISSING and f.default_factory is MISSING)
+    checks = tuple((f.name, _FIELD_TYPES[str(f.type)]) for f in fields(cls)
+                   if str(f.type) in _FIELD_TYPES)
+    return names, required, checks
 
 
 # ------------------------------------------------------------------------ validation
@@ -404,17 +416,14 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 
 
 def _check_types(message: Message) -> None:
-    for f in fields(message):
-        allowed = _FIELD_TYPES.get(str(f.type))
-        value = getattr(message, f.name)
-        if allowed is None:
-            continue
+    for name, allowed in _shape(type(message))[2]:
+        value = getattr(message, name)
         ok = isinstance(value, allowed) and not (
             isinstance(value, bool) and bool not in allowed and int in allowed)
         if ok and isinstance(value, (int, float)) and not -INT64 <= value < INT64:
             ok = False  # also 1e999, which json reads as infinity
         if not ok:
-            raise ProtocolError(f"{message.type}: field {f.name} has the wrong type")
+            raise ProtocolError(f"{message.type}: field {name} has the wrong type")
     # placement reads capacity values as integers: one bad value would fail every round
     if isinstance(message, (Hello, Heartbeat)) and not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and -INT64 <= v < INT64

@@ -18,6 +18,7 @@ page cache); only a machine crash can lose the last commits.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sqlite3
 import time
@@ -151,6 +152,8 @@ GET_MANY_CHUNK = 500  # ids per SELECT ... IN (...), well below SQLite's variabl
 _JOB_COLUMNS = ("id", "seq", "name", "jid", "kind", "state", "attempt", "agent", "spec",
                 "image", "cmd", "message", "started_at", "finished_at", "exit_code", "logs",
                 "created_at", "updated_at", "removed")
+_COLUMNS = ", ".join(_JOB_COLUMNS)
+_INSERT_JOB = f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * len(_JOB_COLUMNS))})"
 
 
 @dataclass
@@ -378,8 +381,7 @@ class Store:
         self._name_may_live(job.name)
         with self._atomic():
             self.db.execute(
-                f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES "
-                f"({', '.join('?' * len(_JOB_COLUMNS))})", self._job_values(job))
+                _INSERT_JOB, self._job_values(job))
             self.db.execute("INSERT INTO attempts VALUES (?, ?, ?, ?)",
                             (job.id, job.attempt, job.agent, now))
         self._batch_names[job.name] = True
@@ -422,7 +424,7 @@ class Store:
         return await self._run(self._get_live, name)
 
     def _get_live(self, name: str) -> JobRow | None:
-        row = self.db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs "
+        row = self.db.execute(f"SELECT {_COLUMNS} FROM jobs "
                               "WHERE name = ? AND removed = 0", (name,)).fetchone()
         if not row:
             return None
@@ -472,7 +474,7 @@ class Store:
 
     def _get_live_many(self, names: list[str]) -> dict[str, JobRow]:
         rows = self.db.execute(
-            f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE removed = 0 AND name IN "
+            f"SELECT {_COLUMNS} FROM jobs WHERE removed = 0 AND name IN "
             f"({', '.join('?' * len(names))})", names).fetchall()
         return {r.name: r for r in map(JobRow.from_row, rows)}
 
@@ -480,7 +482,7 @@ class Store:
         return await self._run(self._get, job_id)
 
     def _get(self, job_id: str) -> JobRow | None:
-        row = self.db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?",
+        row = self.db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?",
                               (job_id,)).fetchone()
         return JobRow.from_row(row) if row else None
 
@@ -494,7 +496,7 @@ class Store:
             chunk = job_ids[i:i + GET_MANY_CHUNK]
             marks = ", ".join("?" * len(chunk))
             for row in self.db.execute(
-                    f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id IN ({marks})", chunk):
+                    f"SELECT {_COLUMNS} FROM jobs WHERE id IN ({marks})", chunk):
                 job = JobRow.from_row(row)
                 found[job.id] = job
         return found
@@ -583,19 +585,10 @@ class Store:
     def _apply_event(self, job_id: str, attempt: int, state: State, agent: str | None,
                      values: dict[str, Any]) -> JobRow | None:
         cached = self._forget(job_id)
-        allowed = {"message", "started_at", "finished_at", "exit_code", "logs"}
-        assert set(values) <= allowed, values
-        sets = ", ".join(f"{k} = ?" for k in values)
-        terminal = tuple(s.value for s in TERMINAL)
         now = time.time()
-        # RUNNING may only follow QUEUED/ASSIGNED; a terminal state may follow any
-        # active one.  Never leave a terminal state (sinks).
         cur = self.db.execute(
-            f"UPDATE jobs SET state = ?, updated_at = ?{', ' + sets if sets else ''} "
-            f"WHERE id = ? AND attempt = ? AND state NOT IN ({', '.join('?' * len(terminal))})"
-            + (" AND state != 'RUNNING'" if state is State.RUNNING else "")
-            + (" AND agent = ?" if agent is not None else ""),
-            (state.value, now, *values.values(), job_id, attempt, *terminal,
+            _event_update(tuple(values), state is State.RUNNING, agent is not None),
+            (state.value, now, *values.values(), job_id, attempt, *_TERMINAL_VALUES,
              *((agent,) if agent is not None else ())))
         if cur.rowcount != 1:
             return None
@@ -646,7 +639,7 @@ class Store:
 
     def _by_state(self, states: tuple[State, ...], agent: str | None,
                   limit: int, after: int = 0) -> list[JobRow]:
-        query = (f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE state IN "
+        query = (f"SELECT {_COLUMNS} FROM jobs WHERE state IN "
                  f"({', '.join('?' * len(states))}) AND seq > ?")
         args: list[Any] = [*(s.value for s in states), after]
         if agent is not None:
@@ -698,7 +691,7 @@ class Store:
 
     def _list_jobs(self, limit: int, include_removed: bool) -> list[JobRow]:
         where = "" if include_removed else "WHERE removed = 0"
-        rows = self.db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs {where} "
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM jobs {where} "
                                "ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
         return [JobRow.from_row(r) for r in rows]
 
@@ -779,6 +772,23 @@ class Store:
             "UPDATE agent_tokens SET revoked_at = ? WHERE agent = ? AND revoked_at IS NULL",
             (time.time(), agent)))
         return cur.rowcount
+
+
+_TERMINAL_VALUES = tuple(s.value for s in TERMINAL)
+_EVENT_VALUES = frozenset({"message", "started_at", "finished_at", "exit_code", "logs"})
+
+
+@functools.cache
+def _event_update(keys: tuple[str, ...], running: bool, by_agent: bool) -> str:
+    """The UPDATE of ``apply_event`` setting ``keys`` (a few shapes, each built once)."""
+    assert set(keys) <= _EVENT_VALUES, keys
+    sets = "".join(f", {k} = ?" for k in keys)
+    # RUNNING may only follow QUEUED/ASSIGNED; a terminal state may follow any
+    # active one.  Never leave a terminal state (sinks).
+    return (f"UPDATE jobs SET state = ?, updated_at = ?{sets} WHERE id = ? AND attempt = ? "
+            f"AND state NOT IN ({', '.join('?' * len(_TERMINAL_VALUES))})"
+            + (" AND state != 'RUNNING'" if running else "")
+            + (" AND agent = ?" if by_agent else ""))
 
 
 STORE = web.AppKey("pfleet.store", Store)

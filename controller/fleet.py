@@ -533,6 +533,10 @@ class Fleet:
                 continue
             view = placement.choose(req, views.values(), strategy=self.strategy,
                                     selector=self.selector)
+            while view is not None and view.name not in self.sessions:
+                del views[view.name]  # its agent left during the round: look again
+                view = placement.choose(req, views.values(), strategy=self.strategy,
+                                        selector=self.selector)
             if view is None:
                 no_room.add(req)
                 continue

@@ -280,9 +280,9 @@ def _plain(value: Any) -> Any:
         names = _FIELD_NAMES[kind] = tuple(f.name for f in fields(value))
     if names is not None:
         return {name: _plain(getattr(value, name)) for name in names}
-    if kind is list or kind is tuple:
+    if isinstance(value, list | tuple):
         return [_plain(item) for item in value]
-    if kind is dict:
+    if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
     return value
 

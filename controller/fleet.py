@@ -164,6 +164,10 @@ class Fleet:
         self._changed: dict[str, asyncio.Event] = {}
         self._known: dict[str, placement.AgentView] = {}
         self._persisted_heartbeat: dict[str, tuple[Any, float]] = {}
+        # Jobs a placement round assigned whose run it has not sent yet (id ->
+        # attempt): a DELETE meanwhile takes its job out (no run then, and nothing to
+        # remove), and a reconnecting agent's reconcile leaves them to the round.
+        self._unsent: dict[str, int] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -463,7 +467,8 @@ class Fleet:
             if (job.id, job.attempt) in seen:
                 continue
             if job.state is State.ASSIGNED:
-                if (job.id, job.attempt) not in (session.runs_before_inventory or ()):
+                if (job.id, job.attempt) not in (session.runs_before_inventory or ()) \
+                        and self._unsent.get(job.id) != job.attempt:  # the round sends those
                     await session.send(p.Run(spec=spec_for(job, self.config.job_logs_tail)))
             else:
                 await self.store.apply_event(
@@ -550,35 +555,52 @@ class Fleet:
         for choice in chosen:
             if choice.view.name in self.sessions:
                 live.append(choice)
-            else:  # the agent left during the round
+            else:  # the agent left during the round: its jobs wait for the next one
                 choice.view.give_back(choice.req)
+                self.kick()
         if not live:
             return 0
         assigned = await self.store.assign_many(
             [(c.job.id, c.job.attempt, c.view.name) for c in live])
-        placed = 0
+        started = []
         for choice, ok in zip(live, assigned, strict=True):
-            job, name = choice.job, choice.view.name
-            if not ok:  # the job moved on meanwhile (removed): its room is free again
+            if ok:
+                started.append(choice)
+                self._unsent[choice.job.id] = choice.job.attempt
+            else:  # the job moved on meanwhile (removed): its room is free again
                 choice.view.give_back(choice.req)
                 self.kick()
-                continue
-            placed += 1
-            log.info("job placed jid=%s name=%s attempt=%s agent=%s", job.jid, job.name,
-                     job.attempt, name)
-            session = self.sessions.get(name)
-            try:
-                if session is None:
-                    raise ConnectionResetError
-                await session.send(p.Run(spec=spec_for(job, self.config.job_logs_tail)))
-                sent = session.runs_before_inventory
-                if sent is not None and len(sent) < RUNS_REMEMBERED_MAX:
-                    sent.add((job.id, job.attempt))
-            except ConnectionResetError:
-                # Not sent: the agent is gone.  It stays ASSIGNED; the reconnect's
-                # reconcile resends it, or the lease marks it LOST.
-                log.warning("run not sent, agent link down jid=%s agent=%s", job.jid, name)
+        placed = 0
+        try:
+            for choice in started:
+                job = choice.job
+                if self._unsent.pop(job.id, None) != job.attempt:
+                    continue  # deleted while the runs before it went out: never sent
+                placed += 1
+                await self._send_run(job, choice.view.name)
+        finally:  # cancelled: what was not sent is left to the reconcile or the lease
+            for choice in started:
+                if self._unsent.get(choice.job.id) == choice.job.attempt:
+                    del self._unsent[choice.job.id]
         return placed
+
+    async def _send_run(self, job: JobRow, name: str) -> None:
+        log.info("job placed jid=%s name=%s attempt=%s agent=%s", job.jid, job.name,
+                 job.attempt, name)
+        session = self.sessions.get(name)
+        try:
+            if session is None:
+                raise ConnectionResetError
+            await session.send(p.Run(spec=spec_for(job, self.config.job_logs_tail)))
+            sent = session.runs_before_inventory
+            if sent is not None and len(sent) < RUNS_REMEMBERED_MAX:
+                sent.add((job.id, job.attempt))
+        except ConnectionResetError:
+            # Not sent: the agent is gone.  It stays ASSIGNED; the reconnect's
+            # reconcile resends it, or the lease marks it LOST.
+            log.warning("run not sent, agent link down jid=%s agent=%s", job.jid, name)
+        except Exception:  # the rest of the group still goes out
+            log.exception("run not sent jid=%s agent=%s", job.jid, name)
 
     async def _whole_queue(self, first: list[JobRow]) -> AsyncIterator[JobRow]:
         """The queue from its first page on, a page at a time: the jobs behind a page
@@ -634,6 +656,9 @@ class Fleet:
         before answering a DELETE).  When the agent is offline, or slower, the
         reconcile at its reconnect or the agent itself finishes the job."""
         attempt = job.attempt if attempt is None else attempt
+        if self._unsent.get(job.id) == attempt:
+            del self._unsent[job.id]  # its round had not sent the run: it never will
+            return
         agent = job.agent if attempt == job.attempt else await self.store.attempt_agent(
             job.id, attempt)
         session = self.sessions.get(agent) if agent else None

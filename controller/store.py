@@ -229,8 +229,9 @@ class Store:
         # insert is not committed yet or was rolled back.  A name outside it has no
         # live row, so a submit's lookup of a new jid needs no hop to the store
         # thread.  Names join before their insert commits and leave only after
-        # their removal did.  None: too many to keep (LIVE_NAMES_MAX).
-        self._maybe_live: set[str] | None = set()
+        # their removal did.  None: not loaded yet (before open), or too many to
+        # keep (LIVE_NAMES_MAX).
+        self._maybe_live: set[str] | None = None
         # Names the running batch inserted (True) or removed (False), last word wins.
         self._batch_names: dict[str, bool] = {}
         # Rows cached (or None: forgotten) by the calls of the running batch, by job
@@ -623,10 +624,12 @@ class Store:
                 f"UPDATE jobs SET state = ?, message = ? WHERE id = ? AND state IN "
                 f"({', '.join('?' * len(active))})",
                 (State.CANCELED.value, message, job_id, *active))
-            self.db.execute("UPDATE jobs SET removed = 1, updated_at = ? WHERE id = ?",
-                            (time.time(), job_id))
+            cur = self.db.execute(
+                "UPDATE jobs SET removed = 1, updated_at = ? WHERE id = ? AND removed = 0",
+                (time.time(), job_id))
         job = self._get(job_id)
-        if job is not None:
+        if job is not None and cur.rowcount == 1:
+            # (a job removed before may have lost its name to a newer one: not that)
             self._batch_names[job.name] = False
         return job
 

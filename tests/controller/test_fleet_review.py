@@ -25,6 +25,7 @@ from controller import cli
 from controller import fleet as fleet_module
 from controller.auth import issue_agent_token, issue_client_token
 from controller.fleet import QUEUE_PAGE
+from controller.jobs import JOBS
 from controller.states import State
 from controller.store import JobRow, Store
 from tests.conftest import make_config
@@ -353,4 +354,88 @@ async def test_a_round_does_not_assign_to_an_agent_that_left_during_it(
     assert await ctl.fleet.place_queued() == 0
     stored = await ctl.store.get(job.id)
     assert stored is not None and stored.state is State.QUEUED and stored.agent is None
+    await ws.close()
+
+
+def slow_run_of(session: Any, job_id: str, started: asyncio.Event) -> None:
+    """Make the link's send of ``job_id``'s run wait (a full socket buffer does)."""
+    real_send = session.ws.send_str
+
+    async def slow_send(text: str, *args: Any, **kwargs: Any) -> None:
+        if '"type":"run"' in text and job_id in text:
+            started.set()
+            await asyncio.sleep(0.3)
+        await real_send(text, *args, **kwargs)
+
+    session.ws.send_str = slow_send
+
+
+async def runs_and_removes(ws: aiohttp.ClientWebSocketResponse, jobs: dict[str, str]
+                           ) -> list[tuple[str, str]]:
+    """What the agent gets until the link is quiet for a second: (type, job label)."""
+    seen: list[tuple[str, str]] = []
+    for _ in range(20):
+        try:
+            msg = await ws.receive(timeout=1.0)
+        except TimeoutError:
+            return seen
+        message = p.decode(msg.data)
+        if isinstance(message, p.Run):
+            seen.append(("run", jobs[message.spec.job]))
+        elif isinstance(message, p.Remove):
+            seen.append(("remove", jobs[message.job]))
+            if message.request:
+                await ws.send_str(p.encode(p.RemoveReply(request=message.request)))
+    raise AssertionError(f"the link never went quiet: {seen}")
+
+
+async def test_a_job_deleted_while_its_round_sends_runs_is_never_started(
+        ctl: Controller, http: aiohttp.ClientSession) -> None:
+    """A round assigns a group, then sends its runs one by one: a DELETE of a job whose
+    run is still to go must stop that run (a Remove before it would be forgotten by
+    the agent, and the run would start the deleted job)."""
+    ws = await dial(ctl, http, "mallory", HUGE)
+    first, second = await add_job(ctl.store), await add_job(ctl.store)
+    sending_first = asyncio.Event()
+    slow_run_of(ctl.fleet.sessions["mallory"], first.id, sending_first)
+
+    async def client_delete() -> bool:
+        await sending_first.wait()
+        return await ctl.server.app[JOBS].remove("plugin", second.jid)
+
+    delete = asyncio.create_task(client_delete())
+    assert await ctl.fleet.place_queued() == 1
+    assert await delete
+    assert await runs_and_removes(ws, {first.id: "first", second.id: "second"}) == [
+        ("run", "first")]
+    gone = await ctl.store.get(second.id)
+    assert gone is not None and gone.removed and gone.state is State.CANCELED
+    await ws.close()
+
+
+async def test_an_agent_reconnecting_while_its_round_sends_runs_gets_each_once(
+        ctl: Controller, http: aiohttp.ClientSession) -> None:
+    """The new link's reconcile must leave the runs the round has not sent yet to the
+    round: a second run of a job that ended would start it again."""
+    ws = await dial(ctl, http, "mallory", HUGE)
+    await ws.send_str(p.encode(p.Inventory(jobs=[])))
+    first, second = await add_job(ctl.store), await add_job(ctl.store)
+    sending_first = asyncio.Event()
+    slow_run_of(ctl.fleet.sessions["mallory"], first.id, sending_first)
+
+    async def reconnect() -> aiohttp.ClientWebSocketResponse:
+        await sending_first.wait()
+        again = await dial(ctl, http, "mallory", HUGE)  # replaces the first link
+        await again.send_str(p.encode(p.Inventory(jobs=[])))
+        return again
+
+    new_link = asyncio.create_task(reconnect())
+    await ctl.fleet.place_queued()
+    again = await new_link
+    # "first" went out on the old link as it was replaced; the new link's inventory
+    # does not list it, so its reconcile sends it again.  "second" was not sent yet:
+    # the round sends it, on the new link, and the reconcile must not.
+    assert sorted(await runs_and_removes(again, {first.id: "first", second.id: "second"})
+                  ) == [("run", "first"), ("run", "second")]
+    await again.close()
     await ws.close()

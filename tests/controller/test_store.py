@@ -532,3 +532,22 @@ async def test_the_room_agents_hold_follows_every_write(tmp_path: Path) -> None:
         await assert_usage_is_the_sum_of_jobs(store)
     finally:
         await store.close()
+
+
+async def test_removing_a_removed_job_again_does_not_hide_the_job_now_under_its_name(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        old = await store.insert_job(job("a"))
+        await store.mark_removed(old.id)
+        new = job("a")
+        new.id = "id-a-new"
+        await store.insert_job(new)
+        again = await store.mark_removed(old.id)  # a late second DELETE of the old one
+        assert again is not None and again.removed
+        forget_cached_rows(store)
+        found = await store.get_live("a")
+        assert found is not None and found.id == "id-a-new"
+    finally:
+        await store.close()

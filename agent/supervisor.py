@@ -141,6 +141,10 @@ class Supervisor:
         # (after a restart the listing is the fallback).
         self._finished: collections.OrderedDict[tuple[str, int], Handle] = \
             collections.OrderedDict()
+        # Attempts that ended here or were removed on request (the last FINISHED_KEPT):
+        # a run of one again is a duplicate, never a new start (a run that crossed a
+        # removal or a reconcile on the way here).
+        self._over: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
         self.on_event: Callable[[], None] = lambda: None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._check_lock = asyncio.Lock()
@@ -227,8 +231,8 @@ class Supervisor:
     async def run(self, spec: p.JobSpec) -> None:
         """Take on an attempt.  Idempotent: an attempt already taken is ignored; an
         older attempt of the same job is removed first."""
-        if (spec.job, spec.attempt) in self._removals:
-            return  # removed on request: never started again
+        if (spec.job, spec.attempt) in self._removals or (spec.job, spec.attempt) in self._over:
+            return  # removed on request, or already ended here: never started again
         current = self.active.get(spec.job)
         if current is not None:
             if current.spec.attempt >= spec.attempt:
@@ -250,6 +254,7 @@ class Supervisor:
 
     async def remove(self, job: str, attempt: int, name: str) -> None:
         """Remove the workload of an attempt (killing it if it still runs)."""
+        self._is_over(job, attempt)
         tracked = self.active.get(job)
         if tracked is not None and tracked.spec.attempt == attempt:
             await self._drop(tracked, remove_workload=True)
@@ -458,6 +463,7 @@ class Supervisor:
     async def _finish(self, tracked: Tracked, event: p.Event) -> None:
         """Report a final event, then forget the attempt (the event is durable first)."""
         self._report(event)
+        self._is_over(tracked.spec.job, tracked.spec.attempt)
         if self.active.get(tracked.spec.job) is tracked:
             del self.active[tracked.spec.job]
         if tracked.handle is not None:
@@ -467,6 +473,11 @@ class Supervisor:
         self._unrecord(tracked.spec.job)
         log.info("job ended jid=%s name=%s attempt=%s state=%s exit_code=%s", tracked.spec.jid,
                  tracked.spec.name, tracked.spec.attempt, event.state, event.exit_code)
+
+    def _is_over(self, job: str, attempt: int) -> None:
+        self._over[(job, attempt)] = None
+        while len(self._over) > FINISHED_KEPT:
+            self._over.popitem(last=False)
 
     async def _drop(self, tracked: Tracked, *, remove_workload: bool) -> None:
         spec = tracked.spec

@@ -101,3 +101,37 @@ async def test_after_a_restart_the_runtime_is_listed_to_find_it(tmp_path: Path) 
         await again.close()
     assert runtime.listings >= 1
     assert runtime.removed == ["job1-jid"]
+
+
+class StartCountingRuntime(FakeRuntime):
+    """The fake runtime, counting the workloads it creates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts: list[str] = []
+
+    async def start(self, spec: p.JobSpec) -> Handle:
+        self.starts.append(spec.name)
+        return await super().start(spec)
+
+
+async def test_a_run_repeated_after_its_attempt_ended_or_was_removed_starts_nothing(
+        tmp_path: Path) -> None:
+    """A run that crossed a removal, or a reconcile's copy of one already done, on the
+    way to the agent is a duplicate: the attempt never starts a second time."""
+    runtime = StartCountingRuntime()
+    box = Outbox(tmp_path / "outbox")
+    sup = Supervisor(runtime, box, tmp_path / "state", tmp_path, poll_interval=0.05)
+    await sup.startup()
+    try:
+        await sup.run(plugin_spec("ended"))
+        await finished(box, "ended")
+        await sup.run(plugin_spec("ended"))  # the same attempt, after its end
+        await sup.remove("removed", 1, "removed-jid")  # a removal before its run
+        await sup.run(plugin_spec("removed"))
+        await asyncio.sleep(0.3)  # a start would be on its way by now
+        assert runtime.starts == ["ended-jid"]
+        assert [e.state for e in box.pending() if e.job == "ended"] == ["running", "exited"]
+        assert not [e for e in box.pending() if e.job == "removed"]
+    finally:
+        await sup.close()

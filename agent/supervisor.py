@@ -44,6 +44,7 @@ from agent.durable import DurableWriter
 from agent.fstree import first_link
 from agent.op_runner import ChildRef, OpRunner
 from agent.outbox import Outbox
+from agent.removals import PendingRemovals, Removal
 from agent.runtimes.base import Handle, JobRejected, JobStatus, Runtime, RuntimeUnavailable
 
 log = logging.getLogger("pfleet.agent.supervisor")
@@ -85,42 +86,6 @@ class Tracked:
                    ChildRef.from_dict(data.get("op_child")))
 
 
-@dataclass
-class Removal:
-    """A workload to remove, written down before the job record goes (see module doc).
-
-    ``handle`` is None when the workload was still being created: it is then found
-    by listing the runtime.  ``report``: a live attempt was dropped, so ``removed``
-    is reported once it is gone (an ended attempt already had its final event)."""
-
-    job: str
-    attempt: int
-    name: str
-    handle: Handle | None
-    report: bool
-    restored: bool = False  # loaded after a restart: `removed` may already be queued
-    failures: int = 0
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.job, self.attempt)
-
-    def to_json(self) -> str:
-        return json.dumps({"job": self.job, "attempt": self.attempt, "name": self.name,
-                           "handle": self.handle.to_dict() if self.handle else None,
-                           "report": self.report})
-
-    @classmethod
-    def from_json(cls, text: str) -> Removal:
-        data = json.loads(text)
-        if (not isinstance(data, dict) or not isinstance(data.get("job"), str)
-                or not data["job"] or type(data.get("attempt")) is not int):
-            raise ValueError("not a removal marker (an object with job and attempt)")
-        handle = Handle.from_dict(data["handle"]) if data.get("handle") else None
-        return cls(data["job"], data["attempt"], str(data.get("name", "")), handle,
-                   bool(data.get("report")), restored=True)
-
-
 class Supervisor:
     def __init__(self, runtime: Runtime, outbox: Outbox, state_dir: Path,
                  storebase_mount: Path, *, poll_interval: float = 5.0,
@@ -148,7 +113,7 @@ class Supervisor:
         self.on_event: Callable[[], None] = lambda: None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._check_lock = asyncio.Lock()
-        self._removals: dict[tuple[str, int], Removal] = {}
+        self._removals = PendingRemovals(self.removing_dir, self._records, self._set_aside)
         self._removals_lock = asyncio.Lock()
         self._wake = asyncio.Event()
 
@@ -274,7 +239,7 @@ class Supervisor:
         # sends Remove again for a deleted job's workload in the inventory).
         removal = Removal(job, attempt, name, known, report=False)
         if not await self._remove_workload(removal) and removal.key not in self._removals:
-            self._remember_removal(removal)
+            self._removals.remember(removal)
 
     async def cancel(self, job: str, attempt: int) -> None:
         tracked = self.active.get(job)
@@ -342,11 +307,11 @@ class Supervisor:
                     removal = Removal(spec.job, spec.attempt, spec.name, handle, report=False)
                 elif removal.handle is None:
                     removal.handle = handle
-                    self._remember_removal(removal)
+                    self._removals.remember(removal)
                 if await self._remove_workload(removal):
                     self._settle(removal)
                 elif removal.key not in self._removals:
-                    self._remember_removal(removal)
+                    self._removals.remember(removal)
                 return
             tracked.handle = handle
             self._persist(tracked)
@@ -487,7 +452,7 @@ class Supervisor:
         if remove_workload and spec.op is None:
             # Written before the record goes: see the module docstring.
             removal = Removal(spec.job, spec.attempt, spec.name, tracked.handle, report=True)
-            self._remember_removal(removal)
+            self._removals.remember(removal)
         self._unrecord(spec.job)
         if spec.op is not None:
             self.op_runner.kill(spec, tracked.op_child)  # its task then forgets it
@@ -535,38 +500,14 @@ class Supervisor:
                                  state="removed"))
         # After the event is in the outbox, with no await in between: a kill -9 here
         # leaves a marker whose `removed` is already queued (``_removed_queued``).
-        try:
-            self._removal_path(removal).unlink(missing_ok=True)
-        except OSError as exc:
-            log.error("cannot delete removal marker path=%s error=%s",
-                      self._removal_path(removal), exc)
+        self._removals.unmark(removal)
 
     def _removed_queued(self, removal: Removal) -> bool:
         return any(e.job == removal.job and e.attempt == removal.attempt
                    and e.state == "removed" for e in self.outbox.pending())
 
-    def _remember_removal(self, removal: Removal) -> None:
-        self._removals[removal.key] = removal
-        try:
-            self.removing_dir.mkdir(exist_ok=True)
-            self._records.replace(self._removal_path(removal), removal.to_json().encode())
-        except OSError as exc:  # a full disk: retried while the agent runs, not after
-            log.error("cannot write removal marker path=%s error=%s",
-                      self._removal_path(removal), exc)
-
-    def _removal_path(self, removal: Removal) -> Path:
-        return self.removing_dir / f"{removal.job}.{removal.attempt}.json"
-
     def _load_removals(self) -> None:
-        for path in sorted(self.removing_dir.glob("*.json")):
-            try:
-                removal = Removal.from_json(path.read_text())
-                if path.name != self._removal_path(removal).name:
-                    raise ValueError(f"marker of {removal.job!r} attempt {removal.attempt}")
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                self._set_aside(path, exc)
-                continue
-            self._removals[removal.key] = removal
+        for removal in self._removals.load():
             tracked = self.active.get(removal.job)
             if tracked is not None and tracked.spec.attempt == removal.attempt:
                 # Killed between the marker and the record's deletion: finish that.

@@ -22,10 +22,19 @@ def job(name: str) -> JobRow:
                   cmd="c", message="queued")
 
 
-async def test_terminal_states_are_sinks_and_old_attempts_are_fenced(tmp_path: Path) -> None:
-    store = Store(tmp_path / "db.sqlite3")
+@contextlib.asynccontextmanager
+async def opened_store(path: Path) -> AsyncIterator[Store]:
+    """A store on ``path``, open for the body and closed after it."""
+    store = Store(path)
     await store.open()
     try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_terminal_states_are_sinks_and_old_attempts_are_fenced(tmp_path: Path) -> None:
+    async with opened_store(tmp_path / "db.sqlite3") as store:
         j = await store.insert_job(job("a"))
         assert await store.assign(j.id, 1, "h1")
         assert await store.apply_event(j.id, 1, State.RUNNING, message="running")
@@ -44,8 +53,6 @@ async def test_terminal_states_are_sinks_and_old_attempts_are_fenced(tmp_path: P
         assert await store.attempt_agent(j.id, 2) == "h2"
         finished = await store.apply_event(j.id, 2, State.COMPLETE, exit_code=0)
         assert finished is not None and finished.state is State.COMPLETE
-    finally:
-        await store.close()
 
 
 async def test_state_survives_reopening_and_usage_counts_active_jobs(tmp_path: Path) -> None:
@@ -58,9 +65,7 @@ async def test_state_survives_reopening_and_usage_counts_active_jobs(tmp_path: P
     await store.apply_event(b.id, 1, State.COMPLETE, exit_code=0)
     await store.close()
 
-    store = Store(tmp_path / "db.sqlite3")
-    await store.open()
-    try:
+    async with opened_store(tmp_path / "db.sqlite3") as store:
         assert await store.usage_by_agent() == {"h1": (500, 100, 0)}
         assert [j.name for j in await store.queued()] == ["c"]
         assert (await store.insert_job(job("d"))).seq == 4  # ordering goes on
@@ -69,8 +74,6 @@ async def test_state_survives_reopening_and_usage_counts_active_jobs(tmp_path: P
         assert await store.get_live("a") is None
         # The name is free again for a new job.
         assert (await store.insert_job(JobRow(**{**job("a").__dict__, "id": "id-a2"}))).name == "a"
-    finally:
-        await store.close()
 
 
 async def test_get_live_reflects_every_write_that_completed(tmp_path: Path) -> None:
@@ -196,9 +199,7 @@ async def open_faulty(path: Path) -> tuple[Store, FaultyConnection]:
 
 async def test_the_calls_of_a_batch_commit_together_and_a_failed_one_undoes_only_itself(
         tmp_path: Path) -> None:
-    store = Store(tmp_path / "db.sqlite3")
-    await store.open()
-    try:
+    async with opened_store(tmp_path / "db.sqlite3") as store:
         # an attempt row in the way: inserting job "x" fails at its second statement
         await store._run(lambda: store.db.execute(
             "INSERT INTO attempts VALUES ('id-x', 1, NULL, 0)"))
@@ -206,14 +207,8 @@ async def test_the_calls_of_a_batch_commit_together_and_a_failed_one_undoes_only
                                   store.insert_job(job("b")))
         assert isinstance(x, sqlite3.IntegrityError)
         assert a.name == "a" and b.name == "b"
-    finally:
-        await store.close()
-    store = Store(tmp_path / "db.sqlite3")
-    await store.open()
-    try:
+    async with opened_store(tmp_path / "db.sqlite3") as store:
         assert {j.name for j in await store.list_jobs()} == {"a", "b"}  # no half of "x"
-    finally:
-        await store.close()
 
 
 async def test_a_commit_that_fails_fails_every_call_of_its_batch_and_changes_nothing(
@@ -236,12 +231,8 @@ async def test_a_commit_that_fails_fails_every_call_of_its_batch_and_changes_not
         assert running is not None and running.state is State.RUNNING
     finally:
         await store.close()
-    store = Store(tmp_path / "db.sqlite3")
-    await store.open()
-    try:
+    async with opened_store(tmp_path / "db.sqlite3") as store:
         assert [(j.name, j.state) for j in await store.list_jobs()] == [("e", State.RUNNING)]
-    finally:
-        await store.close()
 
 
 async def test_a_transaction_sqlite_rolled_back_fails_the_whole_batch(tmp_path: Path) -> None:
@@ -265,9 +256,7 @@ async def test_a_job_just_written_is_read_without_waiting_for_the_store_thread(
         tmp_path: Path) -> None:
     """Status GETs poll jobs that just changed: each write leaves the new row in
     memory, so the read after it does not queue behind other writes."""
-    store = Store(tmp_path / "db.sqlite3")
-    await store.open()
-    try:
+    async with opened_store(tmp_path / "db.sqlite3") as store:
         j = await store.insert_job(job("a"))
         writes: list[tuple[Callable[[], Awaitable[Any]], tuple[State, str, str]]] = [
             (lambda: store.assign(j.id, 1, "h1"), (State.ASSIGNED, "created", "")),
@@ -281,8 +270,6 @@ async def test_a_job_just_written_is_read_without_waiting_for_the_store_thread(
         for write, _ in writes:
             await write()
             seen.append(await read_while_the_store_is_busy(store))
-    finally:
-        await store.close()
     assert seen == [(State.QUEUED, "queued", ""), *(want for _, want in writes)]
 
 
@@ -371,34 +358,25 @@ async def test_a_name_without_a_live_job_is_answered_without_the_store_thread(
         tmp_path: Path) -> None:
     """A submit looks its jid up first: for a new one, the answer needs no hop to
     the store thread, which may be busy with other writes."""
-    store = Store(tmp_path / "db.sqlite3")
-    await store.open()
-    try:
+    async with opened_store(tmp_path / "db.sqlite3") as store:
         removed = await store.insert_job(job("removed"))
         await store.insert_job(job("live"))
         await store.mark_removed(removed.id)
         async with store_held(store), asyncio.timeout(1):  # the worker is held for 5 s
             assert await store.get_live("new") is None
             assert await store.get_live("removed") is None
-    finally:
-        await store.close()
-    store = Store(tmp_path / "db.sqlite3")  # what is live is known again after a restart
-    await store.open()
-    try:
+    # what is live is known again after a restart
+    async with opened_store(tmp_path / "db.sqlite3") as store:
         async with store_held(store), asyncio.timeout(1):
             assert await store.get_live("removed") is None
         found = await store.get_live("live")
         assert found is not None and found.id == "id-live"
-    finally:
-        await store.close()
 
 
 async def test_a_jid_deleted_and_submitted_again_in_one_batch_is_found(tmp_path: Path) -> None:
     """The name of a job removed and inserted again in the same transaction stays
     known as live: the removal's commit must not hide the new job."""
-    store = Store(tmp_path / "db.sqlite3")
-    await store.open()
-    try:
+    async with opened_store(tmp_path / "db.sqlite3") as store:
         first = await store.insert_job(job("a"))
         again = job("a")
         again.id = "id-a-again"
@@ -411,8 +389,6 @@ async def test_a_jid_deleted_and_submitted_again_in_one_batch_is_found(tmp_path:
         await store.mark_removed(again.id)
         forget_cached_rows(store)
         assert await store.get_live("a") is None
-    finally:
-        await store.close()
 
 
 async def test_assign_many_assigns_what_it_can_and_nothing_when_a_write_fails(
@@ -442,9 +418,7 @@ async def test_assign_many_assigns_what_it_can_and_nothing_when_a_write_fails(
 async def test_an_event_leaves_in_memory_the_row_the_database_holds(tmp_path: Path) -> None:
     """Events derive the new row from the cached one instead of reading it back:
     it must be the row the database now holds, field for field."""
-    store = Store(tmp_path / "db.sqlite3")
-    await store.open()
-    try:
+    async with opened_store(tmp_path / "db.sqlite3") as store:
         j = await store.insert_job(job("a"))
         await store.assign(j.id, 1, "h1")
         await store.set_logs(j.id, 1, "tail")
@@ -457,8 +431,6 @@ async def test_an_event_leaves_in_memory_the_row_the_database_holds(tmp_path: Pa
             stored = await store._run(store._get, j.id)
             assert returned == cached == stored, (returned, stored)
             assert stored is not None and stored.state is state
-    finally:
-        await store.close()
 
 
 USAGE_FROM_JOBS = (
@@ -526,19 +498,14 @@ async def test_the_room_agents_hold_follows_every_write(tmp_path: Path) -> None:
         await store._run(lambda: store.db.execute("UPDATE agent_usage SET cpu = cpu + 1"))
     finally:
         await store.close()
-    store = Store(tmp_path / "db.sqlite3")  # drift (above, on purpose) is undone at open
-    await store.open()
-    try:
+    # the drift made above, on purpose, is undone at open
+    async with opened_store(tmp_path / "db.sqlite3") as store:
         await assert_usage_is_the_sum_of_jobs(store)
-    finally:
-        await store.close()
 
 
 async def test_removing_a_removed_job_again_does_not_hide_the_job_now_under_its_name(
         tmp_path: Path) -> None:
-    store = Store(tmp_path / "db.sqlite3")
-    await store.open()
-    try:
+    async with opened_store(tmp_path / "db.sqlite3") as store:
         old = await store.insert_job(job("a"))
         await store.mark_removed(old.id)
         new = job("a")
@@ -549,5 +516,3 @@ async def test_removing_a_removed_job_again_does_not_hide_the_job_now_under_its_
         forget_cached_rows(store)
         found = await store.get_live("a")
         assert found is not None and found.id == "id-a-new"
-    finally:
-        await store.close()

@@ -20,6 +20,7 @@ from agent.chrislinks import LinkError, count_files, expand_links
 from agent.fstree import ignore, remove_tree
 from agent.protocol import Mount
 from controller.ids import new_id
+from controller.storage import inline
 from controller.storage.paths import StorageError, key_dir
 from controller.storage.zipstream import ZipStreamUnpacker
 
@@ -48,6 +49,7 @@ class ZipUpload:
         self.nfiles = 0  # pfcon's nfiles, once finish() returned
         self._made = False  # the staging dir exists (made on the first bytes)
         self._held: list[bytes] = []
+        self._finished = False
         self._unpacker = ZipStreamUnpacker(self.staging, self.spool, max_files=max_files,
                                            max_bytes=max_bytes)
 
@@ -83,14 +85,25 @@ class ZipUpload:
         self._made = True
         self.staging.chmod(0o755)  # becomes incoming/: the plugin user must read it
 
+    def can_stage_inline(self) -> bool:
+        """Whether the whole upload is still in memory and small enough, by
+        :func:`controller.storage.inline.small_enough`, to be staged on the loop."""
+        if self._made or self._unpacker.spool_file_made or self.error is not None:
+            return False
+        return inline.small_enough(b"".join(self._held))
+
     def finish(self) -> None:
-        """Raise the refusal met while streaming, or check and complete the unpack."""
+        """Raise the refusal met while streaming, or check and complete the unpack
+        (once: a second call after success does nothing)."""
+        if self._finished:
+            return
         if self._held:
             self.feed(self._held)
             self._held = []
         if self.error is not None:
             raise self.error
         self.nfiles = self._unpacker.finish()  # an empty part is refused before any write
+        self._finished = True
 
     def moved(self) -> None:
         """The staging dir became ``incoming``: nothing is left to discard."""
@@ -113,25 +126,52 @@ def stage_zip_inputs(storebase: Path, jid: str, upload: ZipUpload) -> dict[str, 
     oversized zip; the caller then discards the upload, and nothing is left.
     """
     upload.finish()
-    staging = upload.staging
-    nfiles = upload.nfiles
-    if upload.has_links:
-        try:
-            expand_links(staging, max_entries=upload.max_files)
-        except LinkError as exc:
-            raise StorageError(str(exc), field="data_file", status=exc.status) from None
-        nfiles = count_files(staging)
+    nfiles = _expanded(upload)
     key = key_dir(storebase, jid)
     try:
         os.mkdir(key)
         created_key = True
     except FileExistsError:
         created_key = False
+    return _move_in(jid, key, created_key, upload, nfiles)
+
+
+def stage_small_upload(storebase: Path, jid: str, upload: ZipUpload) -> dict[str, Any] | None:
+    """:func:`stage_zip_inputs` for an upload that passed
+    :meth:`ZipUpload.can_stage_inline`, on the event loop.
+
+    Returns None, with the upload complete but not moved, when ``key-<jid>``
+    exists: a re-run's old inputs are removed first, which can take long, so the
+    caller finishes with :func:`stage_zip_inputs` on a worker thread.
+    """
+    upload.finish()
+    nfiles = _expanded(upload)
+    key = key_dir(storebase, jid)
+    try:
+        os.mkdir(key)
+    except FileExistsError:
+        return None
+    return _move_in(jid, key, True, upload, nfiles)
+
+
+def _expanded(upload: ZipUpload) -> int:
+    """Expand the upload's ``*.chrislink`` files; returns its number of files."""
+    if not upload.has_links:
+        return upload.nfiles
+    try:
+        expand_links(upload.staging, max_entries=upload.max_files)
+    except LinkError as exc:
+        raise StorageError(str(exc), field="data_file", status=exc.status) from None
+    return count_files(upload.staging)
+
+
+def _move_in(jid: str, key: Path, created_key: bool, upload: ZipUpload,
+             nfiles: int) -> dict[str, Any]:
     try:
         incoming = key / "incoming"
         if not created_key and incoming.is_dir() and not incoming.is_symlink():
             remove_tree(incoming)  # a re-run replaces the inputs of the failed attempt
-        os.replace(staging, incoming)
+        os.replace(upload.staging, incoming)
         upload.moved()
         outgoing = key / "outgoing"
         outgoing.mkdir(exist_ok=True)
@@ -142,8 +182,8 @@ def stage_zip_inputs(storebase: Path, jid: str, upload: ZipUpload) -> dict[str, 
         if created_key:
             remove_tree(key, ignore)
         raise
-    return {"jid": jid, "nfiles": nfiles, "timestamp": str(dt.datetime.now()),
-            "path": str(key / "incoming")}
+    return {"jid": jid, "nfiles": nfiles,
+            "timestamp": str(dt.datetime.now()), "path": str(key / "incoming")}
 
 
 def plugin_mounts(jid: str) -> list[Mount]:

@@ -1,13 +1,13 @@
 """The controller's durable state: jobs, their attempts, agents and agent tokens.
 
-One SQLite database in WAL mode under ``PFLEET_STATE_DIR``, reached only through
-one dedicated thread (so there is exactly one writer and the event loop never
-blocks on disk; ``SerialWorker`` hands its results back in batches).  The calls
-of one batch share one transaction (group commit: one commit for every write
-waiting, about a third of the cost of a commit each), each call inside a
-savepoint of its own, so a failed call undoes only itself; nobody sees a result
-before its commit.  A ``kill -9`` at any moment leaves either the old or the new
-state of every call, never a mix.
+One SQLite database in WAL mode under ``PFLEET_STATE_DIR``, with one connection,
+used on the event loop's thread (so there is exactly one writer): its calls take
+microseconds, and a commit does not wait for the disk; the checkpoints, which do,
+run on a thread of their own (``Checkpointer``).  The calls made during one
+iteration of the loop share one transaction (``GroupCommit``: one commit for every
+write of it), each call inside a savepoint of its own, so a failed call undoes
+only itself; nobody sees a result before its commit.  A ``kill -9`` at any moment
+leaves either the old or the new state of every call, never a mix.
 
 Fencing lives here: an event for an attempt other than the job's current one, or
 for a job already in a terminal state, changes nothing (``apply_event`` returns
@@ -29,7 +29,8 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from controller.serial_worker import SerialWorker
+from controller.checkpointer import Checkpointer
+from controller.group_commit import GroupCommit
 from controller.states import ACTIVE, TERMINAL, State
 
 T = TypeVar("T")
@@ -148,6 +149,7 @@ LIVE_CACHE_MAX = 100_000  # cached live rows before the cache starts over
 # Past this many live jobs the store stops keeping their names in memory (about 100
 # bytes each), and every lookup of a name not cached asks the database again.
 LIVE_NAMES_MAX = 1_000_000
+WAL_SIZE_LIMIT = 64 << 20  # what a started-over WAL file is cut back to, after a burst
 GET_MANY_CHUNK = 500  # ids per SELECT ... IN (...), well below SQLite's variable limit
 _JOB_COLUMNS = ("id", "seq", "name", "jid", "kind", "state", "attempt", "agent", "spec",
                 "image", "cmd", "message", "started_at", "finished_at", "exit_code", "logs",
@@ -210,25 +212,25 @@ class AgentRow:
 
 
 class Store:
-    """Async facade over the SQLite database; all calls run on one thread."""
+    """Async facade over the SQLite database; its calls commit in batches."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._worker = SerialWorker("pfleet-store", begin=self._begin_batch,
-                                    end=self._end_batch)
+        self._batches = GroupCommit(begin=self._begin_batch, end=self._end_batch)
+        self._checkpointer = Checkpointer(path)
         self._db: sqlite3.Connection | None = None
         self._next_seq = 0
-        # Live rows by name, as last read or written on the store thread: a status GET
-        # that hits needs no hop to it.  Every write of a job forgets its row first and
-        # caches the new one once committed (on the store thread, before the write's
-        # caller resumes), so a read after a write that completed never sees the row
-        # from before it, and the GETs polling a job rarely miss.
+        # Live rows by name, as last read or written: a status GET that hits needs no
+        # statement and no batch.  Every write of a job forgets its row first and
+        # caches the new one once committed (before the write's caller resumes), so a
+        # read after a write that completed never sees the row from before it, and the
+        # GETs polling a job rarely miss.
         self._live: dict[str, JobRow] = {}
         self._live_names: dict[str, str] = {}  # job id -> its name in _live
         # Every name that may have a live row: all that have one, plus names whose
         # insert is not committed yet or was rolled back.  A name outside it has no
-        # live row, so a submit's lookup of a new jid needs no hop to the store
-        # thread.  Names join before their insert commits and leave only after
+        # live row, so a submit's lookup of a new jid needs no batch (nor waits
+        # for its commit).  Names join before their insert commits and leave only after
         # their removal did.  None: not loaded yet (before open), or too many to
         # keep (LIVE_NAMES_MAX).
         self._maybe_live: set[str] | None = None
@@ -242,7 +244,7 @@ class Store:
     # ------------------------------------------------------------------ plumbing
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._worker.run(self._in_batch, fn, *args)
+        return await self._batches.run(self._in_batch, fn, *args)
 
     def _in_batch(self, fn: Callable[..., T], *args: Any) -> T:
         if self._batch_rows is not None and self._db is not None and \
@@ -330,7 +332,11 @@ class Store:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=5000")
+        # Only this controller writes; another writer (an operator's shell holding a
+        # write transaction) makes a write wait this long, with the loop, then fail.
+        db.execute("PRAGMA busy_timeout=1000")
+        db.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer's thread does them
+        db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         db.executescript(SCHEMA)
         db.executescript(f"BEGIN; {USAGE_SCHEMA} {USAGE_REBUILD} COMMIT;")
         self._db = db
@@ -338,13 +344,15 @@ class Store:
         names = db.execute("SELECT name FROM jobs WHERE removed = 0 LIMIT ?",
                            (LIVE_NAMES_MAX + 1,)).fetchall()
         self._maybe_live = {n for (n,) in names} if len(names) <= LIVE_NAMES_MAX else None
+        self._checkpointer.start(self._batches)
 
     async def close(self) -> None:
         try:
             # not through _in_batch: the database is closed even after a failed batch
-            await self._worker.run(self._close)
+            await self._batches.run(self._close)
         finally:
-            self._worker.stop()
+            self._batches.stop()
+            self._checkpointer.stop()
 
     def _close(self) -> None:
         db = self._db
@@ -360,6 +368,7 @@ class Store:
                     db.execute("ROLLBACK")
             raise
         finally:
+            self._checkpointer.stop()  # the last connection to close checkpoints the rest
             db.close()
             self._db = None
 
@@ -435,7 +444,7 @@ class Store:
 
     def _cache(self, job: JobRow) -> None:
         """Keep ``job`` (a row nobody else holds) as its name's live row once the batch
-        committed (store thread only)."""
+        committed."""
         if job.removed:
             self._forget(job.id)
         elif self._batch_rows is not None:
@@ -444,7 +453,7 @@ class Store:
             self._put_cached(job)
 
     def _forget(self, job_id: str) -> JobRow | None:
-        """A job row is about to change: drop its cached copy (store thread only) and
+        """A job row is about to change: drop its cached copy and
         return the row as it was, when known, for a write that can derive the new
         row from it."""
         before = self._drop_cached(job_id)
@@ -454,7 +463,7 @@ class Store:
         return before
 
     def _put_cached(self, job: JobRow) -> None:
-        # The loop thread reads _live: entries are replaced, never changed in place.
+        # Readers get clones or whole entries: entries are replaced, never changed.
         if len(self._live) >= LIVE_CACHE_MAX:
             self._live.clear()
             self._live_names.clear()

@@ -147,5 +147,5 @@ def _call(future: asyncio.Future[Any], fn: Callable[..., Any], args: tuple[Any, 
         error = RuntimeError("the call raised StopIteration")
         error.__cause__ = exc
         return future, None, error
-    except Exception as exc:  # handed to the caller; KeyboardInterrupt and the like go up
+    except BaseException as exc:  # handed to its caller (the calls after it still run)
         return future, None, exc

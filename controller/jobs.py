@@ -57,7 +57,7 @@ class JobService:
         self.fleet = fleet
         self._locks: dict[str, asyncio.Lock] = {}
         self._lock_users: dict[str, int] = {}
-        self._inline_gate = inline.InlineGate()
+        self._inline_gate = inline.InlineGate(config.storebase_mount)
 
     @asynccontextmanager
     async def locked(self, name: str) -> AsyncIterator[None]:

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from controller.checkpointer import Checkpointer
+from controller.checkpointer import MARKER_SCHEMA, Checkpointer
 from controller.group_commit import GroupCommit
 from controller.states import ACTIVE, TERMINAL, State
 
@@ -338,6 +338,7 @@ class Store:
         db.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer's thread does them
         db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         db.executescript(SCHEMA)
+        db.executescript(MARKER_SCHEMA)
         db.executescript(f"BEGIN; {USAGE_SCHEMA} {USAGE_REBUILD} COMMIT;")
         self._db = db
         self._next_seq = (db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]) + 1

@@ -20,7 +20,7 @@ from agent.chrislinks import LinkError, count_files, expand_links
 from agent.fstree import ignore, remove_tree
 from agent.protocol import Mount
 from controller.ids import new_id
-from controller.storage import inline
+from controller.storage import inline, unzip
 from controller.storage.paths import StorageError, key_dir
 from controller.storage.zipstream import ZipStreamUnpacker
 
@@ -50,12 +50,18 @@ class ZipUpload:
         self._made = False  # the staging dir exists (made on the first bytes)
         self._held: list[bytes] = []
         self._finished = False
+        self._bounded = False  # the unpacker holds to the inline bounds
         self._unpacker = ZipStreamUnpacker(self.staging, self.spool, max_files=max_files,
                                            max_bytes=max_bytes)
 
     @property
     def has_links(self) -> bool:
         return self._unpacker.has_links
+
+    @property
+    def bounded(self) -> bool:
+        """Whether :meth:`can_stage_inline` held the unpacker to the inline bounds."""
+        return self._bounded
 
     @property
     def leaves_files(self) -> bool:
@@ -87,10 +93,18 @@ class ZipUpload:
 
     def can_stage_inline(self) -> bool:
         """Whether the whole upload is still in memory and small enough, by
-        :func:`controller.storage.inline.small_enough`, to be staged on the loop."""
-        if self._made or self._unpacker.spool_file_made or self.error is not None:
+        :func:`controller.storage.inline.small_enough`, to be staged on the loop.
+        When it is, the unpacker is held to what its central directory declared."""
+        unpacker = self._unpacker
+        if self._made or unpacker.spool_file_made or self.error is not None:
             return False
-        return inline.small_enough(b"".join(self._held))
+        if not inline.small_enough(b"".join(self._held), unpacker.max_files,
+                                   unpacker.max_bytes):
+            return False
+        unpacker.max_files = min(unpacker.max_files, inline.MAX_ENTRIES)
+        unpacker.max_bytes = min(unpacker.max_bytes, inline.MAX_OUTPUT_BYTES)
+        self._bounded = True
+        return True
 
     def finish(self) -> None:
         """Raise the refusal met while streaming, or check and complete the unpack
@@ -140,18 +154,26 @@ def stage_small_upload(storebase: Path, jid: str, upload: ZipUpload) -> dict[str
     """:func:`stage_zip_inputs` for an upload that passed
     :meth:`ZipUpload.can_stage_inline`, on the event loop.
 
-    Returns None, with the upload complete but not moved, when ``key-<jid>``
-    exists: a re-run's old inputs are removed first, which can take long, so the
-    caller finishes with :func:`stage_zip_inputs` on a worker thread.
+    Returns None, with the upload complete but not moved, when what is left can
+    take long: ``key-<jid>`` exists (a re-run's old inputs are removed first), or
+    the upload holds ``*.chrislink`` files to expand.  The caller then finishes with
+    :func:`stage_zip_inputs` on a worker thread.
     """
-    upload.finish()
-    nfiles = _expanded(upload)
+    try:
+        upload.finish()
+    except StorageError as exc:
+        if exc.status == 413 and upload.bounded:
+            # within the limits by its central directory, beyond them as streamed
+            raise unzip.bad_zip(" (its entries do not match its central directory)") from None
+        raise
+    if upload.has_links:  # named so that only the unpacker saw it: expanded on a thread
+        return None
     key = key_dir(storebase, jid)
     try:
         os.mkdir(key)
     except FileExistsError:
         return None
-    return _move_in(jid, key, True, upload, nfiles)
+    return _move_in(jid, key, True, upload, upload.nfiles)
 
 
 def _expanded(upload: ZipUpload) -> int:

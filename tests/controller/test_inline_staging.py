@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import struct
 import threading
 import zipfile
 from pathlib import Path
@@ -42,13 +43,28 @@ def test_summary_matches_what_zipfile_reads(method: int, comment: bytes) -> None
     files = {"a.txt": b"A" * 1000, "d/": b"", "d/b.bin": bytes(range(256)) * 9}
     data = zip_with(files, method=method, comment=comment)
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        expected = ZipSummary(len(zf.infolist()), sum(i.file_size for i in zf.infolist()), False)
+        infos = zf.infolist()
+        expected = ZipSummary(len(infos), sum(i.file_size for i in infos), False,
+                              sum(len(i.orig_filename.encode()) for i in infos), 2)
     assert summarize(data) == expected
 
 
-def test_summary_sees_link_files() -> None:
-    assert summarize(zip_with({"in/x.chrislink": b"SERVICES/PACS"})) == ZipSummary(1, 13, True)
+@pytest.mark.parametrize("name", ["in/x.chrislink", "x.chrislink/.", "a\\x.chrislink"])
+def test_summary_sees_link_files_as_the_unpacker_names_them(name: str) -> None:
+    summary = summarize(zip_with({name: b"SERVICES/PACS"}))
+    assert summary is not None and summary.has_links
     assert not summarize(zip_with({"x.chrislink.txt": b"no"})).has_links  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_only_stored_and_deflated_entries_are_summarized(method: int) -> None:
+    """Other methods decompress in unbounded steps: never on the loop."""
+    assert summarize(zip_with({"a.txt": b"A" * 100}, method=method)) is None
+    assert not small_enough(zip_with({"a.txt": b"A" * 100}, method=method), 100, 1 << 30)
+
+
+def test_an_unsafe_name_has_no_summary() -> None:
+    assert summarize(zip_with({"../escape.txt": b"x"})) is None  # the worker says why
 
 
 @pytest.mark.parametrize("damage", ["prefixed", "truncated", "no-end", "empty", "trailing"])
@@ -73,15 +89,51 @@ def test_summary_of_mangled_bytes_never_raises() -> None:
 
 
 def test_small_enough_bounds_the_work_done_on_the_loop() -> None:
-    assert small_enough(make_zip({"a.txt": b"hello"}))
+    limits = (100_000, 10 << 30)
+    assert small_enough(make_zip({"a.txt": b"hello"}), *limits)
     # a compressible image: a few hundred bytes that unpack to 300 KiB
-    assert not small_enough(make_zip({"mask.nii": bytes(300 << 10)}))
-    assert not small_enough(make_zip({f"f{i}": b"x" for i in range(inline.MAX_ENTRIES + 1)}))
-    assert not small_enough(make_zip({"in/x.chrislink": b"SERVICES/PACS"}))
+    assert not small_enough(make_zip({"mask.nii": bytes(300 << 10)}), *limits)
+    assert not small_enough(make_zip({f"f{i}": b"x" for i in range(inline.MAX_ENTRIES + 1)}),
+                            *limits)
+    assert not small_enough(make_zip({"in/x.chrislink": b"SERVICES/PACS"}), *limits)
     big = zip_with({"r.bin": random.Random(1).randbytes(inline.MAX_UPLOAD_BYTES)},
                    method=zipfile.ZIP_STORED)
-    assert not small_enough(big)
-    assert not small_enough(b"not a zip")
+    assert not small_enough(big, *limits)
+    assert not small_enough(b"not a zip", *limits)
+    deep = "/".join(["d"] * inline.MAX_DEPTH) + "/f.txt"
+    assert not small_enough(make_zip({deep: b"x"}), *limits)
+    long_names = {("n" * 250) + str(i): b"" for i in range(inline.MAX_NAME_BYTES // 250 + 1)}
+    assert not small_enough(make_zip(long_names), *limits)
+    # beyond the configured limits: the worker's unpacker refuses it with the reason
+    assert not small_enough(make_zip({"a": b"1", "b": b"2"}), 1, 1 << 20)
+    assert not small_enough(make_zip({"a": b"123"}), 10, 2)
+
+
+def lying_zip(declared: int, actual: int) -> bytes:
+    """One deflated entry of ``actual`` zero bytes whose central directory says
+    ``declared`` (its local header tells the truth)."""
+    data = bytearray(make_zip({"a.bin": bytes(actual)}))
+    central = data.find(b"PK\x01\x02")
+    struct.pack_into("<L", data, central + 24, declared)
+    return bytes(data)
+
+
+def test_filesystem_type_reads_the_longest_mount_point_above_the_path() -> None:
+    mountinfo = ("22 1 8:1 / / rw - ext4 /dev/root rw\n"
+                 "30 22 0:40 / /mnt/store\\040box rw shared:1 - nfs4 srv:/x rw\n"
+                 "31 30 0:41 / /mnt/store\\040box/sub rw - tmpfs tmpfs rw\n")
+    assert inline.filesystem_type(Path("/mnt/store box/k"), mountinfo) == "nfs4"
+    assert inline.filesystem_type(Path("/mnt/store box/sub/k"), mountinfo) == "tmpfs"
+    assert inline.filesystem_type(Path("/mnt/store boxer"), mountinfo) == "ext4"
+    assert inline.filesystem_type(Path("/dev/shm")) == "tmpfs"  # this machine's
+
+
+def test_the_gate_stays_closed_on_a_network_filesystem(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(inline, "filesystem_type", lambda path: "nfs4")
+    assert not InlineGate(tmp_path).is_open()
+    monkeypatch.setattr(inline, "filesystem_type", lambda path: "xfs")
+    assert InlineGate(tmp_path).is_open()
 
 
 # ------------------------------------------------------------------ the gate
@@ -191,6 +243,29 @@ async def test_a_bad_small_upload_is_refused_inline_and_leaves_nothing(
     assert list((sb / STAGING_DIR).iterdir()) == []
     jobs = harness.app[JOBS]
     assert await jobs.find("plugin", "bad") is None
+
+
+async def test_local_headers_claiming_more_than_the_directory_make_a_corrupt_zip(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unpacker on the loop holds to what the central directory declared."""
+    calls = record_staging(monkeypatch)
+    status, body = await post(harness, "liar", lying_zip(100, 1 << 20))
+    assert status == 400, body
+    assert "central directory" in body["message"]
+    assert calls == [("stage_small_upload", True)]
+    sb = harness.config.storebase_mount
+    assert not (sb / "key-liar").exists()
+    assert list((sb / STAGING_DIR).iterdir()) == []
+
+
+async def test_a_link_named_to_pass_the_directory_check_is_expanded_on_a_worker(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = record_staging(monkeypatch)
+    monkeypatch.setattr(inline, "summarize", lambda data: ZipSummary(1, 10, False, 10, 1))
+    status, body = await post(harness, "links", make_zip({"x.chrislink": b"SERVICES/PACS"}))
+    # the link's target does not exist here: what matters is where it was expanded
+    assert calls == [("stage_small_upload", True), ("stage_zip_inputs", False)], body
+    assert status in (201, 400)
 
 
 async def test_after_a_slow_staging_uploads_go_to_a_worker(

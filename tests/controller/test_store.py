@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from controller import checkpointer
 from controller.states import State
 from controller.store import JobRow, Store
 
@@ -543,10 +542,9 @@ async def test_commits_reach_the_database_file_through_the_checkpoint_thread(
 
 
 async def test_the_wal_starts_over_under_steady_writes_and_nothing_is_lost(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     """Under writes that never pause, a passive checkpoint never lets the WAL start
     over: the checkpoint thread holds the batches for a moment to restart it."""
-    monkeypatch.setattr(checkpointer, "RESTART_FRAMES", 8)
     path = tmp_path / "db.sqlite3"
     store = Store(path)
     store._checkpointer.interval = 0.02
@@ -560,8 +558,8 @@ async def test_the_wal_starts_over_under_steady_writes_and_nothing_is_lost(
 
     async def writer(k: int) -> None:
         deadline = time.monotonic() + 10
-        for i in range(2000):  # bounded; stops once the WAL was restarted twice
-            if store._checkpointer.restarts >= 2 or time.monotonic() > deadline:
+        for i in range(2000):  # bounded; stops after a few checkpoints
+            if store._checkpointer.checkpoints >= 3 or time.monotonic() > deadline:
                 return
             row = await store.insert_job(job(f"w{k}-{i}"))
             assert await store.assign(row.id, 1, "h1")
@@ -573,6 +571,25 @@ async def test_the_wal_starts_over_under_steady_writes_and_nothing_is_lost(
         stack.push_async_callback(store.close)
         async with asyncio.timeout(60):
             await asyncio.gather(*(writer(k) for k in range(8)))
-        assert store._checkpointer.restarts >= 2
+        assert store._checkpointer.checkpoints >= 3
         assert store._checkpointer.restarts_missed == 0  # the batches held, each time
+        assert store._checkpointer.failures == 0
+        # the WAL holds the marker's write and what followed it, not a second of writes
+        frames = store.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+        assert frames < 200, frames
     assert sorted(committed_names(path)) == sorted(names)
+
+
+async def test_an_idle_store_is_not_checkpointed_again(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db.sqlite3")
+    store._checkpointer.interval = 0.02
+    async with contextlib.AsyncExitStack() as stack:
+        await store.open()
+        stack.push_async_callback(store.close)
+        await store.insert_job(job("a"))
+        for _ in range(250):  # bounded: 5 s
+            if store._checkpointer.checkpoints:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # ten intervals without writes
+        assert store._checkpointer.checkpoints == 1

@@ -10,16 +10,20 @@ upload arrives and uses :func:`extract_rest` for entries it could not stream.
 
 from __future__ import annotations
 
+import bz2
+import copy
 import errno
 import lzma
 import os
 import stat
+import struct
 import zipfile
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from controller.storage.paths import StorageError
 
@@ -193,15 +197,67 @@ def _extract_file(
 ) -> int:
     """Stream one entry to ``target``; return the bytes written, never more than budget."""
     written = 0
-    with zf.open(entry.info) as src:
-        fd = create_file(target, entry.info.filename, 0o755 if entry.owner_exec else 0o644)
-        with os.fdopen(fd, "wb") as out:
-            while chunk := src.read(chunk_size):
-                written += len(chunk)
-                if written > budget:
-                    raise _RanOver
-                out.write(chunk)
+    fd = create_file(target, entry.info.filename, 0o755 if entry.owner_exec else 0o644)
+    with os.fdopen(fd, "wb") as out:
+        for chunk in _chunks(zf, entry.info, chunk_size):
+            written += len(chunk)
+            if written > budget:
+                raise _RanOver
+            out.write(chunk)
     return written
+
+
+def _chunks(zf: zipfile.ZipFile, info: zipfile.ZipInfo, size: int) -> Iterator[bytes]:
+    """The entry's bytes, at most ``size`` at a time, CRC checked.
+
+    zipfile inflates deflated data in bounded steps, but hands a whole read of
+    bzip2 or LZMA data to the decompressor at once: a few hundred bytes of it can
+    expand to gigabytes in memory.  Those two are decompressed here, from the
+    entry's raw bytes, with ``max_length``.
+    """
+    if info.compress_type not in (zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
+        with zf.open(info) as src:
+            while chunk := src.read(size):
+                yield chunk
+        return
+    raw = copy.copy(info)  # the same bytes, read as stored and unchecked
+    raw.compress_type, raw.file_size = zipfile.ZIP_STORED, info.compress_size
+    del raw.CRC
+    crc = 0
+    with zf.open(raw) as src:
+        decompressor = _decompressor(info.compress_type, src)
+        data = b""
+        while not decompressor.eof:
+            if decompressor.needs_input:
+                data = src.read(_RAW_READ)
+                if not data:
+                    raise EOFError("the entry's compressed data ends early")
+            chunk = decompressor.decompress(data, max_length=size)
+            data = b""
+            if chunk:
+                crc = zlib.crc32(chunk, crc)
+                yield chunk
+    if crc != info.CRC:
+        raise zipfile.BadZipFile(f"bad CRC-32 for {info.filename!r}")
+
+
+_RAW_READ = 64 << 10
+
+
+def _decompressor(method: int, src: BinaryIO) -> bz2.BZ2Decompressor | lzma.LZMADecompressor:
+    if method == zipfile.ZIP_BZIP2:
+        return bz2.BZ2Decompressor()
+    # zip's LZMA: a version (2 bytes), the properties' size (2), the properties, then
+    # a raw LZMA1 stream (as zipfile reads it)
+    head = src.read(4)
+    if len(head) < 4:
+        raise EOFError("the entry's LZMA header ends early")
+    (size,) = struct.unpack("<H", head[2:4])
+    props = src.read(size)
+    if len(props) < size:
+        raise EOFError("the entry's LZMA header ends early")
+    return lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[
+        lzma._decode_filter_properties(lzma.FILTER_LZMA1, props)])  # as zipfile does
 
 
 class _RanOver(Exception):

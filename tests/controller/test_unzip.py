@@ -6,6 +6,7 @@ import io
 import os
 import stat
 import struct
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -454,3 +455,54 @@ def test_upload_ending_inside_an_entry_is_a_bad_zip(tmp_path: Path) -> None:
     err = refused(tmp_path, data[:20_000])
     assert (str(err), err.status) == ("data_file: Bad zip file", 400)
     assert nothing_outside_dest(tmp_path)
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_a_bzip2_or_lzma_bomb_stops_at_the_limit_without_expanding_in_memory(
+        tmp_path: Path, method: int) -> None:
+    """zipfile hands a whole read of bzip2/LZMA data to the decompressor: a few
+    kilobytes of zeros became tens of megabytes at once.  A zip that lies about the
+    size must stop at the limit, with memory bounded by the chunk size."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", method) as zf:
+        zf.writestr("zeros.bin", bytes(64 << 20))
+    data = bytearray(buf.getvalue())
+    for sig, size_at in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # both say 10 bytes
+        struct.pack_into("<L", data, data.find(sig) + size_at, 10)
+    (tmp_path / "bomb.zip").write_bytes(bytes(data))
+    del buf, data
+    dest = tmp_path / "out"
+    dest.mkdir()
+    tracemalloc.start()
+    try:
+        with pytest.raises(StorageError) as refused:
+            unpack_zip(tmp_path / "bomb.zip", dest, max_files=10, max_bytes=4 << 20,
+                       chunk_size=1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert refused.value.status == 413
+    assert peak < 16 << 20, f"peak {peak >> 20} MiB"
+    assert (dest / "zeros.bin").stat().st_size <= 4 << 20
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_bzip2_and_lzma_entries_are_checked_by_their_crc(tmp_path: Path, method: int) -> None:
+    content = os.urandom(3000) * 50  # several reads' worth, compressible
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", method) as zf:
+        zf.writestr("a.bin", content)
+    good = buf.getvalue()
+    dest = tmp_path / "ok"
+    dest.mkdir()
+    (tmp_path / "ok.zip").write_bytes(good)
+    assert unpack_zip(tmp_path / "ok.zip", dest, max_files=10, max_bytes=1 << 20) == 1
+    assert (dest / "a.bin").read_bytes() == content
+    bad = bytearray(good)
+    for sig, crc_at in ((b"PK\x03\x04", 14), (b"PK\x01\x02", 16)):  # a wrong CRC in both
+        struct.pack_into("<L", bad, bad.find(sig) + crc_at, 0x12345678)
+    (tmp_path / "bad.zip").write_bytes(bytes(bad))
+    dest = tmp_path / "bad"
+    dest.mkdir()
+    with pytest.raises(StorageError, match="corrupt"):
+        unpack_zip(tmp_path / "bad.zip", dest, max_files=10, max_bytes=1 << 20)

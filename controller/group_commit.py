@@ -103,8 +103,7 @@ class GroupCommit:
     def release(self) -> None:
         """Run the calls made since :meth:`hold`, in order (on the loop's thread)."""
         held, self._held = self._held, None
-        if self._quiet is not None:  # released before the batch ended
-            self._quiet = None
+        self._quiet = None  # released before the open batch ended: nobody waits now
         for call in held or ():
             self._start(*call)
 

@@ -61,8 +61,8 @@ class ZipSummary:
     entries: int
     output_bytes: int  # the sum of the entries' uncompressed sizes
     has_links: bool
-    name_bytes: int = 0
-    depth: int = 0  # the most path parts of one entry
+    name_bytes: int
+    depth: int  # the most path parts of one entry
 
 
 def summarize(data: bytes) -> ZipSummary | None:

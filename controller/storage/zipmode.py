@@ -50,18 +50,12 @@ class ZipUpload:
         self._made = False  # the staging dir exists (made on the first bytes)
         self._held: list[bytes] = []
         self._finished = False
-        self._bounded = False  # the unpacker holds to the inline bounds
         self._unpacker = ZipStreamUnpacker(self.staging, self.spool, max_files=max_files,
                                            max_bytes=max_bytes)
 
     @property
     def has_links(self) -> bool:
         return self._unpacker.has_links
-
-    @property
-    def bounded(self) -> bool:
-        """Whether :meth:`can_stage_inline` held the unpacker to the inline bounds."""
-        return self._bounded
 
     @property
     def leaves_files(self) -> bool:
@@ -103,7 +97,6 @@ class ZipUpload:
             return False
         unpacker.max_files = min(unpacker.max_files, inline.MAX_ENTRIES)
         unpacker.max_bytes = min(unpacker.max_bytes, inline.MAX_OUTPUT_BYTES)
-        self._bounded = True
         return True
 
     def finish(self) -> None:
@@ -162,8 +155,9 @@ def stage_small_upload(storebase: Path, jid: str, upload: ZipUpload) -> dict[str
     try:
         upload.finish()
     except StorageError as exc:
-        if exc.status == 413 and upload.bounded:
-            # within the limits by its central directory, beyond them as streamed
+        if exc.status == 413:
+            # within the limits by its central directory (can_stage_inline held the
+            # unpacker to them), beyond them as streamed
             raise unzip.bad_zip(" (its entries do not match its central directory)") from None
         raise
     if upload.has_links:  # named so that only the unpacker saw it: expanded on a thread
@@ -204,8 +198,8 @@ def _move_in(jid: str, key: Path, created_key: bool, upload: ZipUpload,
         if created_key:
             remove_tree(key, ignore)
         raise
-    return {"jid": jid, "nfiles": nfiles,
-            "timestamp": str(dt.datetime.now()), "path": str(key / "incoming")}
+    return {"jid": jid, "nfiles": nfiles, "timestamp": str(dt.datetime.now()),
+            "path": str(key / "incoming")}
 
 
 def plugin_mounts(jid: str) -> list[Mount]:

@@ -576,31 +576,42 @@ class Fleet:
                 job = choice.job
                 if self._unsent.pop(job.id, None) != job.attempt:
                     continue  # deleted while the runs before it went out: never sent
-                placed += 1
-                await self._send_run(job, choice.view.name)
+                placed += await self._send_run(job, choice.view.name)
         finally:  # cancelled: what was not sent is left to the reconcile or the lease
             for choice in started:
                 if self._unsent.get(choice.job.id) == choice.job.attempt:
                     del self._unsent[choice.job.id]
         return placed
 
-    async def _send_run(self, job: JobRow, name: str) -> None:
+    async def _send_run(self, job: JobRow, name: str) -> bool:
+        """Send the run of a job just assigned to ``name``.  False when its agent left
+        before anything was sent: the job is queued again for another agent."""
+        session = self.sessions.get(name)
+        if session is None or session.ws.closed:
+            # Nothing of it reached any agent, so nothing can run twice: it goes back
+            # to the queue now instead of waiting for the lease to make it LOST.
+            if await self.store.requeue(job.id, job.attempt, "queued"):
+                log.warning("run not sent, agent gone, job queued again jid=%s agent=%s",
+                            job.jid, name)
+                self._notify(job.id)
+                self.kick()
+            return False
         log.info("job placed jid=%s name=%s attempt=%s agent=%s", job.jid, job.name,
                  job.attempt, name)
-        session = self.sessions.get(name)
         try:
-            if session is None:
-                raise ConnectionResetError
             await session.send(p.Run(spec=spec_for(job, self.config.job_logs_tail)))
             sent = session.runs_before_inventory
             if sent is not None and len(sent) < RUNS_REMEMBERED_MAX:
                 sent.add((job.id, job.attempt))
         except ConnectionResetError:
-            # Not sent: the agent is gone.  It stays ASSIGNED; the reconnect's
-            # reconcile resends it, or the lease marks it LOST.
-            log.warning("run not sent, agent link down jid=%s agent=%s", job.jid, name)
+            # Perhaps sent (a write that timed out or was cut may have gone out): it
+            # stays ASSIGNED; the reconnect's reconcile resends it if the agent does
+            # not list it, or the lease marks it LOST.
+            log.warning("run perhaps not sent, agent link down jid=%s agent=%s", job.jid,
+                        name)
         except Exception:  # the rest of the group still goes out
             log.exception("run not sent jid=%s agent=%s", job.jid, name)
+        return True
 
     async def _whole_queue(self, first: list[JobRow]) -> AsyncIterator[JobRow]:
         """The queue from its first page on, a page at a time: the jobs behind a page

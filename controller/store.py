@@ -572,16 +572,23 @@ class Store:
             raise
 
     async def requeue(self, job_id: str, attempt: int, message: str) -> bool:
-        """ASSIGNED -> QUEUED (the agent could not take it); False if it moved on."""
+        """ASSIGNED -> QUEUED (its run never reached the agent); False if it moved on."""
         return await self._run(self._requeue, job_id, attempt, message)
 
     def _requeue(self, job_id: str, attempt: int, message: str) -> bool:
         self._forget(job_id)
-        cur = self.db.execute(
-            "UPDATE jobs SET state = ?, agent = NULL, message = ?, updated_at = ? "
-            "WHERE id = ? AND attempt = ? AND state = ?",
-            (State.QUEUED.value, message, time.time(), job_id, attempt, State.ASSIGNED.value))
-        return cur.rowcount == 1
+        with self._atomic():
+            cur = self.db.execute(
+                "UPDATE jobs SET state = ?, agent = NULL, message = ?, updated_at = ? "
+                "WHERE id = ? AND attempt = ? AND state = ?",
+                (State.QUEUED.value, message, time.time(), job_id, attempt,
+                 State.ASSIGNED.value))
+            if cur.rowcount != 1:
+                return False
+            # no agent holds this attempt now: a later removal must not ask the old one
+            self.db.execute("UPDATE attempts SET agent = NULL WHERE job = ? AND attempt = ?",
+                            (job_id, attempt))
+        return True
 
     async def apply_event(self, job_id: str, attempt: int, state: State, *,
                           agent: str | None = None, **values: Any) -> JobRow | None:

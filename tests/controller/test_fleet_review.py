@@ -24,6 +24,8 @@ from agent import protocol as p
 from controller import cli
 from controller import fleet as fleet_module
 from controller.auth import issue_agent_token, issue_client_token
+from controller.config import load_config
+from controller.errors import ConfigError
 from controller.fleet import QUEUE_PAGE
 from controller.jobs import JOBS
 from controller.states import State
@@ -125,6 +127,44 @@ async def test_a_token_revoked_during_the_handshake_does_not_connect(
     await ws.close()
     await until(lambda: "mallory" not in ctl.fleet.sessions, "the refused link stayed")
     assert await add_job(ctl.store) and await ctl.fleet.place_queued() == 0
+
+
+async def test_binpack_and_the_selector_from_the_environment_place_jobs(
+        tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """PFLEET_PLACEMENT=binpack fills one agent first; PFLEET_AGENT_SELECTOR=zone=a
+    leaves agents without that label alone, however idle."""
+    env = load_config({"PFLEET_PLACEMENT": "binpack", "PFLEET_AGENT_SELECTOR": "zone=a"},
+                      dev=True)
+    config = make_config(tmp_path, placement=env.placement, agent_selector=env.agent_selector)
+    async with serving(config, tmp_path) as ctl:
+        links = [await dial(ctl, http, name, HUGE, labels={"zone": zone})
+                 for name, zone in (("a1", "a"), ("a2", "a"), ("b1", "b"))]
+        jobs = [await add_job(ctl.store, cpu=1000) for _ in range(3)]
+        ctl.fleet.kick()
+        placed = [await wait_state(ctl.store, job.id, State.ASSIGNED) for job in jobs]
+        assert [job.agent for job in placed] == ["a2", "a2", "a2"]  # ties go to the last name
+        for ws in links:
+            await ws.close()
+
+
+@pytest.mark.parametrize(("name", "value"), [("PFLEET_PLACEMENT", "random"),
+                                             ("PFLEET_AGENT_SELECTOR", "zone")])
+def test_a_bad_placement_setting_stops_the_start(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config({name: value}, dev=True)
+    assert len(err.value.problems) == 1 and err.value.problems[0].startswith(name)
+
+
+@pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer ", "Basic bWFsbG9yeTp4"])
+async def test_a_connect_without_an_agent_token_is_refused(
+        ctl: Controller, http: aiohttp.ClientSession, header: str | None) -> None:
+    headers = {} if header is None else {"Authorization": header}
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await http.ws_connect(ctl.url, headers=headers)
+    assert refused.value.status == 401
+    async with http.get(ctl.url, headers=headers) as resp:  # what it is told, and why
+        assert resp.status == 401 and "missing agent token" in await resp.text()
+    assert ctl.fleet.sessions == {} and await ctl.store.agents() == []
 
 
 @pytest.mark.parametrize("leaves_again", [False, True])
@@ -354,6 +394,34 @@ async def test_a_round_does_not_assign_to_an_agent_that_left_during_it(
     assert await ctl.fleet.place_queued() == 0
     stored = await ctl.store.get(job.id)
     assert stored is not None and stored.state is State.QUEUED and stored.agent is None
+    await ws.close()
+
+
+async def test_a_run_never_sent_because_its_agent_left_goes_to_another_agent(
+        ctl: Controller, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent leaves between the assign and the send: nothing reached it, so the job
+    is queued again at once (not LOST when the lease runs out) and placed elsewhere."""
+    ws = await dial(ctl, http, "mallory", HUGE)
+    assign_many = ctl.store.assign_many
+
+    async def assign_then_disconnect(choices: list[tuple[str, int, str]]) -> list[bool]:
+        assigned = await assign_many(choices)
+        ctl.fleet.sessions.pop("mallory", None)  # its link closed as the commit went in
+        return assigned
+
+    monkeypatch.setattr(ctl.store, "assign_many", assign_then_disconnect)
+    job = await add_job(ctl.store)
+    assert await ctl.fleet.place_queued() == 0
+    stored = await ctl.store.get(job.id)
+    assert stored is not None and (stored.state, stored.agent, stored.attempt) == (
+        State.QUEUED, None, 1)
+    assert await ctl.store.attempt_agent(job.id, 1) is None
+    monkeypatch.setattr(ctl.store, "assign_many", assign_many)
+    other = await dial(ctl, http, "eve", HUGE)
+    run = await expect(other, p.Run)
+    assert (run.spec.job, run.spec.attempt) == (job.id, 1)
+    assert (await wait_state(ctl.store, job.id, State.ASSIGNED)).agent == "eve"
+    await other.close()
     await ws.close()
 
 

@@ -64,7 +64,18 @@ def test_jobs_land_on_every_host_and_outputs_come_back(fleet_factory) -> None:
     fleet = fleet_factory()
     jids = [f"spread-{i}" for i in range(6)]
     for jid in jids:
-        assert submit(fleet, jid, secs=2)["compute"]["status"] == "notStarted"
+        assert submit(fleet, jid, secs=3)["compute"]["status"] == "notStarted"
+    # The agents' heartbeats carry their load and the jobs they run (every second here).
+    deadline = time.monotonic() + 20
+    agents = fleet.agents_by_name()
+    while time.monotonic() < deadline and sum(a["running"] for a in agents.values()) < 2:
+        time.sleep(0.2)
+        agents = fleet.agents_by_name()
+    assert sum(a["running"] for a in agents.values()) >= 2, agents
+    for agent in agents.values():
+        assert agent["capacity"]["cpu_millicores"] == 4000, agent
+        assert agent["capacity"]["memory_mib"] > 0 and 0 <= agent["cpu_percent"] <= 100, agent
+        assert agent["memory_available_mib"] > 0 and agent["disk_free_mib"] > 0, agent
     results = wait_all(fleet, jids)
     assert {c["status"] for c in results.values()} == {"finishedSuccessfully"}
     jobs = fleet.jobs()
@@ -118,15 +129,20 @@ def test_impossible_jobs_are_refused_at_submit(fleet_factory) -> None:
 
 def test_queue_drains_as_capacity_frees(fleet_factory) -> None:
     # Each host offers one CPU; each job wants one: three run, three wait in order.
+    # The first three end 2 s apart, so a wrong order would show for 2 s at a time.
     fleet = fleet_factory(agent_env={"PFLEET_AGENT_CPU_MILLICORES": "1000"})
     jids = [f"queue-{i}" for i in range(6)]
-    for jid in jids:
-        submit(fleet, jid, secs=3)
+    for jid, secs in zip(jids, (2, 4, 6, 2, 2, 2), strict=True):
+        submit(fleet, jid, secs=secs)
     most_running = 0
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        states = [j["state"] for n, j in fleet.jobs().items() if n in jids]
+        jobs = fleet.jobs()
+        states = [jobs[j]["state"] for j in jids]
         most_running = max(most_running, sum(s in ("ASSIGNED", "RUNNING") for s in states))
+        # oldest first: no job leaves the queue while one submitted before it waits
+        left = [s != "QUEUED" for s in states]
+        assert left == sorted(left, reverse=True), f"placed out of order: {states}"
         if all(s == "COMPLETE" for s in states):
             break
         time.sleep(0.2)
@@ -169,17 +185,21 @@ def test_link_down_for_a_minute_changes_nothing(fleet_factory) -> None:
 
 
 def test_host_lost_past_a_short_lease(fleet_factory) -> None:
-    fleet = fleet_factory(PFLEET_AGENT_LEASE="5")
+    # Each host offers one CPU (an engine refuses more CPUs than the machine has).
+    fleet = fleet_factory(PFLEET_AGENT_LEASE="5",
+                          agent_env={"PFLEET_AGENT_CPU_MILLICORES": "1000"})
     drain_all_but(fleet, "h2")
-    submit(fleet, "lost-0", secs=120)
+    submit(fleet, "lost-0", secs=120)  # all h2 offers
+    submit(fleet, "after-0", secs=1)  # waits: h2 is full, the others drain
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and status(fleet, "lost-0")["status"] != "started":
         time.sleep(0.3)
+    assert status(fleet, "lost-0")["status"] == "started"
+    assert fleet.jobs()["after-0"]["state"] == "QUEUED"
     # The host dies: its agent is killed and its link goes down.
     fleet.agents["h2"].kill9()
     fleet.topo.set_link("h2", False)
-    fleet.admin("POST", "agents/h1/undrain/", {})
-    submit(fleet, "after-0", secs=1)
+    fleet.admin("POST", "agents/h1/undrain/", {})  # the queued job goes there
     deadline = time.monotonic() + 60
     lost = status(fleet, "lost-0")
     while time.monotonic() < deadline and lost["status"] != "undefined":
@@ -209,9 +229,13 @@ def test_controller_killed_agents_reconnect(fleet_factory) -> None:
     fleet = fleet_factory()
     jids = [f"ck-{i}" for i in range(6)]
     for jid in jids:
-        submit(fleet, jid, secs=4)
-    time.sleep(2)
-    fleet.controller.kill9()
+        submit(fleet, jid, secs=6)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(status(fleet, j)["status"] != "started"
+                                              for j in jids):
+        time.sleep(0.3)
+    assert [status(fleet, j)["status"] for j in jids] == ["started"] * 6
+    fleet.controller.kill9()  # with every job running
     time.sleep(3)
     fleet.controller.start()
     fleet.wait_ready()

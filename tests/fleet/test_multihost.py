@@ -171,17 +171,47 @@ def test_link_down_for_a_minute_changes_nothing(fleet_factory) -> None:
     fleet.topo.set_link("h1", False)
     try:
         time.sleep(10)
-        assert fleet.agents_by_name()["h1"]["state"] in ("suspect", "disconnected")
+        # 3 heartbeats (1 s apart here) missed; the WebSocket has not timed out yet
+        assert fleet.agents_by_name()["h1"]["state"] == "suspect"
         # Nothing moves while the lease (10 min) runs: the jobs still show started.
         assert [status(fleet, j)["status"] for j in jids] == ["started", "started"]
-        time.sleep(50)  # the jobs end while the link is down
+        submit(fleet, "link-late", secs=1)  # a suspect agent gets no new job
+        time.sleep(3)
+        assert fleet.jobs()["link-late"]["state"] == "QUEUED"
+        time.sleep(47)  # the jobs end while the link is down
     finally:
         fleet.topo.set_link("h1", True)
     fleet.wait_agents(["h1"], timeout=60, states=("healthy", "draining"))
-    results = wait_all(fleet, jids, timeout=60)
+    results = wait_all(fleet, [*jids, "link-late"], timeout=60)
     assert {c["status"] for c in results.values()} == {"finishedSuccessfully"}
     assert all(c["logs"].endswith("finished\n") for c in results.values())
-    assert [runs(fleet, j) for j in jids] == [1, 1]
+    assert [runs(fleet, j) for j in [*jids, "link-late"]] == [1, 1, 1]
+    assert fleet.jobs()["link-late"]["agent"] == "h1"
+
+
+def test_an_engine_that_dies_takes_its_host_out_of_placement(fleet_factory) -> None:
+    """h1's dockerd is killed: its agent says so in its heartbeats, the controller lists
+    it unhealthy with the reason and places nothing there; with the engine back, the
+    job that waited runs there."""
+    # capacity configured, not read from the engine (0 while it is dead): only the
+    # agent's health keeps the job away
+    fleet = fleet_factory(agent_env={"PFLEET_AGENT_MEMORY_MIB": "4096"})
+    drain_all_but(fleet, "h1")
+    fleet.topo.kill_engine("h1")
+    try:
+        wait_for(lambda: fleet.agents_by_name()["h1"]["state"] == "unhealthy", 30,
+                 interval=0.3, what="h1 unhealthy once its engine died")
+        h1 = fleet.agents_by_name()["h1"]
+        assert any(problem.startswith("runtime docker:") for problem in h1["problems"]), h1
+        submit(fleet, "engine-0", secs=1)
+        time.sleep(3)  # the submit's round, and the heartbeats', placed nothing
+        assert fleet.jobs()["engine-0"]["state"] == "QUEUED"
+    finally:
+        fleet.topo.start_engine("h1")
+    fleet.wait_agents(["h1"], timeout=60)
+    result = wait_all(fleet, ["engine-0"])["engine-0"]
+    assert result["status"] == "finishedSuccessfully", result
+    assert fleet.jobs()["engine-0"]["agent"] == "h1" and runs(fleet, "engine-0") == 1
 
 
 def test_host_lost_past_a_short_lease(fleet_factory) -> None:

@@ -501,7 +501,9 @@ class Fleet:
                 name=name, cpu_millicores=int(cap.get("cpu_millicores", 0)),
                 memory_mib=int(cap.get("memory_mib", 0)), gpus=int(cap.get("gpus", 0)),
                 multi_worker=bool(s.hello.capabilities.get("multi_worker", False)),
-                labels=dict(s.hello.labels), connected=True,
+                # a link whose close has begun stays listed until its reader ends:
+                # a run for it would only come back to the queue
+                labels=dict(s.hello.labels), connected=not s.ws.closed,
                 suspect=self._suspect(s, now),
                 draining=name in self.draining,
                 healthy=hb.runtime_ok if hb is not None else True,

@@ -425,6 +425,38 @@ async def test_a_run_never_sent_because_its_agent_left_goes_to_another_agent(
     await ws.close()
 
 
+async def test_an_agent_whose_link_is_closing_gets_no_job(
+        ctl: Controller, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A close begun while the session handles a message leaves the session listed until
+    that handling ends: a round must not assign to it (the run would only be requeued,
+    and the requeue's round would choose it again)."""
+    ws = await dial(ctl, http, "mallory", HUGE)
+    session = ctl.fleet.sessions["mallory"]
+    handling, release = asyncio.Event(), asyncio.Event()
+    persist = ctl.fleet._persist_heartbeat
+
+    async def held(*args: Any) -> None:
+        handling.set()
+        await release.wait()
+        await persist(*args)
+
+    monkeypatch.setattr(ctl.fleet, "_persist_heartbeat", held)
+    await ws.send_str(json.dumps(heartbeat()))
+    await asyncio.wait_for(handling.wait(), 10)
+    closing = asyncio.create_task(ctl.fleet.close_link(session.ws, 4001, b"token revoked"))
+    await until(lambda: session.ws.closed, "the close never began")
+    assert ctl.fleet.sessions.get("mallory") is session
+    assert not ctl.fleet.views({})["mallory"].connected
+    job = await add_job(ctl.store)
+    assert await ctl.fleet.place_queued() == 0
+    stored = await ctl.store.get(job.id)
+    assert stored is not None and (stored.state, stored.agent) == (State.QUEUED, None)
+    release.set()
+    await ws.close()
+    await closing
+    await until(lambda: "mallory" not in ctl.fleet.sessions, "the closed link stayed")
+
+
 def slow_run_of(session: Any, job_id: str, started: asyncio.Event) -> None:
     """Make the link's send of ``job_id``'s run wait (a full socket buffer does)."""
     real_send = session.ws.send_str
